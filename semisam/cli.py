@@ -1,0 +1,163 @@
+"""The ``semisam`` command line.
+
+Run ``semisam --help`` (or ``python -m semisam.cli --help``) for the commands. Errors that a
+user can fix are printed as one line per problem, without a traceback, with exit status 2
+(``validate`` exits 1 when the dataset has problems).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from . import __version__
+from .errors import SemiSAMError
+
+LAYOUT_HELP = """dataset layouts:
+  folder:        imagesTr/<case>.nii.gz + labelsTr/<case>.nii.gz (+ imagesUnlabeled/<case>.nii.gz)
+  dataset.json:  {"labels": {"0": "background", "1": "target"}, "image_type": "bmode"|"rf",
+                  "training": [{"image": ..., "label": ...}], "unlabeled": [{"image": ...}]}
+  formats:       .nii .nii.gz .nrrd .nhdr .mha .mhd .png, or a folder holding a DICOM series
+"""
+
+
+def _shape(values: Sequence[int]) -> tuple:
+    return tuple(int(v) for v in values)
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom import write_cohort
+
+    t0 = time.time()
+
+    def progress(i: int, n: int) -> None:
+        if not args.quiet:
+            print(f"\rphantom {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+
+    out = write_cohort(args.out, args.n, args.labeled, _shape(args.shape), args.seed, args.rf, args.num_labels, args.overwrite, progress)
+    labeled = args.labeled if args.labeled is not None else max(1, args.n // 4)
+    print(f"wrote {args.n} phantoms ({labeled} labeled, {args.n - labeled} unlabeled) to {out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .data import load_dataset, validate_dataset
+
+    spec = load_dataset(args.dataset)
+    problems = validate_dataset(spec, allow_2d=args.allow_2d, num_labels=args.num_labels)
+    errors = [p for p in problems if p.severity == "error"]
+    for p in problems:
+        print(p, file=sys.stderr if p.severity == "error" else sys.stdout)
+    summary = f"{len(spec.labeled)} labeled, {len(spec.unlabeled)} unlabeled case(s) ({spec.source}: {spec.root})"
+    if errors:
+        print(f"dataset NOT usable: {len(errors)} problem(s); {summary}", file=sys.stderr)
+        return 1
+    print(f"dataset OK: {summary}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import load_dataset, validate_dataset
+    from .figures import save_mid_slices
+    from .phantom import write_cohort
+    from .preprocess import apply_to_label, invert, preprocess
+    from .volume import read_volume
+
+    out = Path(args.out)
+    t0 = time.time()
+    cohort = write_cohort(out / "cohort", args.n, args.labeled, _shape(args.shape), args.seed, overwrite=True)
+    spec = load_dataset(cohort)
+    problems = [p for p in validate_dataset(spec) if p.severity == "error"]
+    if problems:  # our own phantoms must validate; anything else is a bug worth seeing
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1
+    print(f"cohort: {len(spec.labeled)} labeled + {len(spec.unlabeled)} unlabeled phantoms in {cohort}")
+    shown = spec.labeled[:3]
+    images = [read_volume(c.image) for c in shown]
+    labels = [read_volume(c.label, "label") for c in shown]
+    print(f"{'case':<10}{'shape (z,y,x)':<16}{'spacing x,y,z (mm)':<22}{'target ml':>10}{'round trip':>12}")
+    pre_images, pre_labels = [], []
+    for case, image, label in zip(shown, images, labels):
+        pre, record = preprocess(image, spec.preprocess_config())
+        pre_label = apply_to_label(record, label)
+        back = invert(record, pre_label.array)
+        agree = float(np.mean(back.array == label.array))
+        ml = float(label.array.astype(bool).sum() * np.prod(image.spacing) / 1000.0)
+        spacing = ",".join(f"{s:.2f}" for s in image.spacing)
+        print(f"{case.id:<10}{str(image.shape):<16}{spacing:<22}{ml:>10.2f}{agree:>11.2%}")
+        pre_images.append(pre)
+        pre_labels.append(pre_label)
+    picture = save_mid_slices(images, out / "phantom_cohort.png", labels, [c.id for c in shown])
+    picture_pre = save_mid_slices(pre_images, out / "phantom_preprocessed.png", pre_labels, [f"{c.id} preprocessed" for c in shown])
+    print(f"picture of the cohort: {picture}")
+    print(f"picture after preprocessing (0.5 mm, {pre_images[0].shape}): {picture_pre}")
+    print(f"demo finished in {time.time() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semisam",
+        description="Semi-supervised SAM-family segmentation of 3D ultrasound (Semi-SAM+).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=LAYOUT_HELP,
+    )
+    parser.add_argument("--version", action="version", version=f"semisam {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("phantom", help="write a synthetic 3D ultrasound cohort (dataset folder + dataset.json)",
+                       description="Write N synthetic 3D ultrasound phantoms with exact labels as a dataset.")
+    p.add_argument("--n", type=int, required=True, help="number of cases")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
+    p.add_argument("--labeled", type=int, default=None, help="how many cases get labels (default: a quarter, at least 1)")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"), help="grid size (default 64 64 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same cohort)")
+    p.add_argument("--rf", action="store_true", help="write RF data instead of B-mode (dataset.json says image_type rf)")
+    p.add_argument("--num-labels", type=int, default=1, help="structures per case, labels 1..K (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("validate", help="check a dataset; exit 0 when usable, else one line per problem",
+                       description="Check every file of a dataset (folder or dataset.json).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LAYOUT_HELP)
+    p.add_argument("dataset", help="dataset folder or dataset.json")
+    p.add_argument("--allow-2d", action="store_true", help="accept 2D images (one-slice volumes)")
+    p.add_argument("--num-labels", type=int, default=None, help="highest label value allowed (default: from dataset.json)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("demo", help="run the main job on the embedded default (for now: a phantom cohort and its picture)",
+                       description="Make a small phantom cohort, preprocess it and write pictures.")
+    p.add_argument("--out", default="demo_output", help="output folder (default demo_output/)")
+    p.add_argument("--n", type=int, default=8, help="number of phantoms (default 8)")
+    p.add_argument("--labeled", type=int, default=4, help="labeled phantoms (default 4)")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SemiSAMError as exc:
+        print(f"semisam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # argument values our functions refuse (e.g. --labeled > --n)
+        print(f"semisam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
