@@ -214,7 +214,7 @@ def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Opti
         if label is None:
             continue
         if image is not None:
-            diffs = grid_differences(image, label)
+            diffs = grid_differences(label, image, names=("label", "image"))
             if diffs:
                 problems.append(Problem(str(case.label), "label grid differs from its image: " + "; ".join(diffs)))
         values = np.unique(label.array)
@@ -230,7 +230,7 @@ def _try(problems: List[Problem], fn):
     try:
         return fn()
     except InputError as exc:
-        problems.append(Problem(exc.path or "?", exc.problem))
+        problems.append(Problem(exc.path or "?", exc.problem + (f" ({exc.hint})" if exc.hint else "")))
         return None
 
 

@@ -179,17 +179,22 @@ class Volume:
         )
 
 
-def grid_differences(a: Volume, b: Volume, tol: float = 1e-4) -> list[str]:
-    """Human-readable list of how two grids differ (empty when they match)."""
+def grid_differences(a: Volume, b: Volume, tol: float = 1e-4, names: Tuple[str, str] = ("", "")) -> list[str]:
+    """Human-readable list of how two grids differ (empty when they match).
+
+    ``tol`` applies to spacing and direction cosines; origins may differ by ``10 * tol`` mm.
+    ``names`` label the two sides in the messages, e.g. ``("label", "image")``.
+    """
+    na, nb = (f" ({n})" if n else "" for n in names)
     out = []
     if a.shape != b.shape:
-        out.append(f"shape {list(a.shape)} vs {list(b.shape)}")
+        out.append(f"shape {list(a.shape)}{na} vs {list(b.shape)}{nb}")
     if not np.allclose(a.spacing, b.spacing, atol=tol, rtol=0):
-        out.append(f"spacing {_fmt(a.spacing)} vs {_fmt(b.spacing)}")
+        out.append(f"spacing {_fmt(a.spacing)}{na} vs {_fmt(b.spacing)}{nb}")
     if not np.allclose(a.origin, b.origin, atol=tol * 10, rtol=0):
-        out.append(f"origin {_fmt(a.origin)} vs {_fmt(b.origin)}")
+        out.append(f"origin {_fmt(a.origin)}{na} vs {_fmt(b.origin)}{nb}")
     if not np.allclose(a.direction, b.direction, atol=tol, rtol=0):
-        out.append("direction differs")
+        out.append(f"direction {_fmt(a.direction.ravel())}{na} vs {_fmt(b.direction.ravel())}{nb}")
     return out
 
 
@@ -236,6 +241,8 @@ def read_volume(
             raise InputError(path, f"is a folder, but its name ends like a {fmt} file")
         if path.stat().st_size == 0:
             raise InputError(path, "is empty (0 bytes)", "the export or copy failed; export it again")
+        if fmt == "NIfTI":
+            _check_nifti(path)
         image = _sitk_read(path, fmt)
         meta = {"source": str(path), "format": fmt}
     volume = _to_scalar_3d(image, path, fmt, meta)
@@ -264,6 +271,28 @@ def _sitk_read(path: Path, fmt: str) -> sitk.Image:
             f"cannot be read as {fmt}: {_itk_message(exc)}",
             "the file is probably truncated or corrupt; export or copy it again",
         ) from None
+
+
+def _check_nifti(path: Path) -> None:
+    """What ITK's NIfTI reader lets through: truncated files (the missing voxels become
+    garbage) and NaN voxels (silently read as 0). Read the voxels once with nibabel to check."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))  # the header only
+        offset = int(image.dataobj.offset)  # vox_offset, or 352 where a writer left it 0
+    except Exception as exc:  # nibabel raises several types for a bad header
+        raise InputError(path, f"is not a valid NIfTI file ({exc})", "export it again") from None
+    header = image.header
+    expected = offset + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if not path.name.lower().endswith(".gz") and path.stat().st_size < expected:
+        raise InputError(path, f"is truncated: {path.stat().st_size} of {expected} bytes", "export or copy it again")
+    try:
+        raw = np.asanyarray(image.dataobj)
+    except Exception:  # EOFError, zlib.error, OSError ... depending on where the stream ends
+        raise InputError(path, "is truncated or corrupt (the voxel data ends early)", "export or copy it again") from None
+    if raw.dtype.kind == "f":
+        _check_finite(raw.T, path)  # nibabel's axes are (x, y, z); report (z, y, x)
 
 
 def _itk_message(exc: Exception) -> str:
@@ -342,6 +371,11 @@ def _to_scalar_3d(image: sitk.Image, path: Path, fmt: str, meta: Dict[str, Any])
 
 def _checked_image_array(array: np.ndarray, path: Path) -> np.ndarray:
     array = array.astype(np.float32, copy=False)
+    _check_finite(array, path)
+    return array
+
+
+def _check_finite(array: np.ndarray, path: Path) -> None:
     finite = np.isfinite(array)
     if not finite.all():
         bad = np.argwhere(~finite)
@@ -352,7 +386,6 @@ def _checked_image_array(array: np.ndarray, path: Path) -> np.ndarray:
             f"has {n_nan} NaN and {n_inf} infinite voxels (first at z,y,x = {tuple(int(v) for v in bad[0])})",
             "fix the export; SemiSAM does not guess values for them",
         )
-    return array
 
 
 def _checked_label_array(array: np.ndarray, path: Path) -> np.ndarray:
