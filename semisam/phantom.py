@@ -10,7 +10,8 @@ A phantom is built in the scanner's frame and then given a patient-space pose:
   (Rayleigh-distributed envelope, multiplicative). Amplitude decays with depth (partially
   compensated attenuation). Rays that pass a strong reflector are shadowed behind it.
 * **Display**: a pyramidal sector (fan in lateral and elevation) from an apex above the skin;
-  zero outside it. The envelope is log-compressed to a dynamic range and written as 0..255.
+  zero outside it. The envelope is log-compressed to a dynamic range and written as grey
+  levels 1..255 inside the sector (0 marks outside).
 * **Geometry**: anisotropic spacing drawn per case (depth finest, elevation coarsest), oblique
   direction and an arbitrary origin.
 * **RF** (optional): the same echoes modulated on a carrier along the beam axis, so that
@@ -60,9 +61,9 @@ def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma_vox: Seq
 def _random_spacing(rng: np.random.Generator) -> Tuple[float, float, float]:
     """(x, y, z) = (lateral, depth, elevation) spacing in mm, anisotropic as real probes are."""
     return (
-        float(rng.uniform(0.45, 0.75)),  # lateral
-        float(rng.uniform(0.35, 0.55)),  # depth (axial resolution is the finest)
-        float(rng.uniform(0.6, 1.0)),  # elevation (sweep) is the coarsest
+        float(rng.uniform(0.45, 0.65)),  # lateral
+        float(rng.uniform(0.3, 0.44)),  # depth (axial resolution is the finest)
+        float(rng.uniform(0.7, 1.1)),  # elevation (sweep) is the coarsest
     )
 
 
@@ -139,33 +140,40 @@ def make_phantom(
     centres: List[Tuple[np.ndarray, float]] = []
     for k in range(1, num_labels + 1):
         size = min(extent[0], extent[1], extent[2] * 1.6)
-        scale = 0.22 if num_labels == 1 else 0.3 / np.sqrt(num_labels)
+        scale = 0.22 if num_labels == 1 else 0.26 / np.sqrt(num_labels)
         radii = size * scale * rng.uniform(0.75, 1.2, size=3)
         r_bottom = extent[1] - apex[1]  # along the central ray
-        for _attempt in range(500):
-            rr = rng.uniform(r_min + 0.3 * (r_bottom - r_min), r_min + 0.75 * (r_bottom - r_min))
-            tl = rng.uniform(-0.45, 0.45) * half_lat
-            te = rng.uniform(-0.35, 0.35) * half_ele
+        blob = None
+        for attempt in range(400):
+            if attempt % 40 == 39:  # crowded: shrink the target a little and keep trying
+                radii *= 0.9
+            rr = rng.uniform(r_min + 0.25 * (r_bottom - r_min), r_min + 0.8 * (r_bottom - r_min))
+            tl = rng.uniform(-0.7, 0.7) * half_lat
+            te = rng.uniform(-0.6, 0.6) * half_ele
             d = np.array([np.tan(tl), 1.0, np.tan(te)])
             centre = apex + rr * d / np.linalg.norm(d)
             margin = 1.3 * radii.max()
-            inside_volume = np.all(centre > margin) and np.all(centre < extent - margin)
-            apart = all(np.linalg.norm(centre - c) > 1.1 * (radii.max() + rc) for c, rc in centres)
-            if inside_volume and apart:
+            if not (np.all(centre > margin) and np.all(centre < extent - margin)):
+                continue
+            if not all(np.linalg.norm(centre - c) > 0.9 * (radii.max() + rc) for c, rc in centres):
+                continue
+            whole = _target(rng, coords, centre, radii, spacing)
+            blob = whole & fov & (label == 0)
+            if blob.sum() >= 0.95 * whole.sum():  # whole organ, inside the sector, no overlap
                 break
-            if _attempt % 50 == 49:  # crowded: shrink the target a little and keep trying
-                radii *= 0.9
+        if blob is None or not blob.any():
+            raise ValueError(f"cannot fit {num_labels} targets into a {shape} phantom; use a larger shape")
         centres.append((centre, float(radii.max())))
-        blob = _target(rng, coords, centre, radii, spacing) & fov & (label == 0)
         label[blob] = k
         # Organs are hypo- or hyperechoic with their own texture and a bright capsule.
-        contrast = rng.choice([rng.uniform(0.06, 0.15), rng.uniform(3.0, 5.0)])
+        contrast = rng.choice([rng.uniform(0.05, 0.12), rng.uniform(4.0, 7.0)])
         echo[blob] = contrast * (1.0 + 0.15 * _smooth_noise(rng, shape, 3.0 / spacing[::-1])[blob])
         capsule = ndimage.binary_dilation(blob, iterations=1) & ~ndimage.binary_erosion(blob, iterations=1)
         echo[capsule] *= 1.8
 
     # Strong reflectors with acoustic shadows along the rays behind them.
     shadow = np.ones(shape, dtype=np.float32)
+    reflectors = []
     for _ in range(int(rng.integers(1, 4))):
         rr = rng.uniform(r_min + 0.15 * (r_max - r_min), r_min + 0.55 * (r_max - r_min))
         tl = rng.uniform(-0.8, 0.8) * half_lat
@@ -178,8 +186,9 @@ def make_phantom(
         ang = np.sqrt((th_lat - np.arctan2(c[0] - apex[0], c[1] - apex[1])) ** 2 + (th_ele - np.arctan2(c[2] - apex[2], c[1] - apex[1])) ** 2)
         half_width = rad / rr
         behind = r > rr + 0.5 * rad
-        soft = np.clip((ang - 0.7 * half_width) / (0.6 * half_width), 0.0, 1.0)
+        soft = np.clip((ang - half_width) / (0.5 * half_width), 0.0, 1.0)
         shadow *= np.where(behind, 0.12 + 0.88 * soft, 1.0).astype(np.float32)
+        reflectors.append({"centre_mm": [float(v) for v in c], "radius_mm": float(rad)})
 
     # Speckle: complex scatterers filtered by the PSF (sigma in mm: depth, lateral, elevation).
     psf_mm = np.array([rng.uniform(0.7, 1.0), rng.uniform(0.35, 0.5), rng.uniform(1.0, 1.5)])  # x, y, z
@@ -196,12 +205,20 @@ def make_phantom(
     envelope = np.abs(iq)
     ref = float(np.percentile(envelope[fov], 99.9))
     db = 20.0 * np.log10(np.maximum(envelope / ref, 1e-12)) + gain_db
-    bmode = (np.clip(db, -dynamic_range_db, 0.0) + dynamic_range_db) / dynamic_range_db * 255.0
+    # Grey levels 1..255 inside the sector (a scanner's floor), exactly 0 outside it.
+    bmode = 1.0 + (np.clip(db, -dynamic_range_db, 0.0) + dynamic_range_db) / dynamic_range_db * 254.0
     bmode[~fov] = 0.0
 
-    direction = Rotation.from_rotvec(rng.normal(size=3) / np.sqrt(3) * np.deg2rad(rng.uniform(5, 30))).as_matrix()
+    axis = rng.normal(size=3)
+    direction = Rotation.from_rotvec(axis / np.linalg.norm(axis) * np.deg2rad(rng.uniform(8, 30))).as_matrix()
     origin = tuple(float(v) for v in rng.uniform(-80.0, 80.0, size=3))
-    image = Volume(bmode.astype(np.float32), tuple(spacing), origin, direction, {"generator": "semisam.phantom", "seed": seed})
+    meta = {
+        "generator": "semisam.phantom",
+        "seed": seed,
+        "apex_mm": [float(v) for v in apex],  # scanner frame: (lateral, depth, elevation) mm from voxel 0
+        "reflectors": reflectors,
+    }
+    image = Volume(bmode.astype(np.float32), tuple(spacing), origin, direction, meta)
     label_volume = image.with_array(label)
     rf_volume = None
     if rf:
