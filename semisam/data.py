@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 
 from .errors import InputError
-from .preprocess import PreprocessConfig, apply_to_label, preprocess
+from .preprocess import PreprocessConfig
 from .volume import FORMATS, check_not_constant, grid_differences, read_volume, strip_suffix
 
 _CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
@@ -251,7 +251,8 @@ def _fingerprint(path: Path) -> str:
 
 
 def case_items(spec: DatasetSpec, config: PreprocessConfig) -> List[Dict[str, Any]]:
-    """One dict per case, labeled first: the input of :class:`LoadCased` (and cache key)."""
+    """One dict per case, labeled first: the input of ``transforms.LoadCased`` and, hashed,
+    the disk-cache key (file size/mtime fingerprints and the preprocessing settings)."""
     cfg = json.dumps(config.to_dict(), sort_keys=True)
     items = []
     for case in spec.labeled + spec.unlabeled:
@@ -268,32 +269,6 @@ def case_items(spec: DatasetSpec, config: PreprocessConfig) -> List[Dict[str, An
     return items
 
 
-class LoadCased:
-    """MONAI-style dictionary transform: read, preprocess and map the label of one case.
-
-    Output keys: ``image`` (1, z, y, x) float32 tensor in [0, 1]; ``label`` (1, z, y, x) uint8
-    tensor (zeros for unlabeled cases, see ``has_label``); ``record`` the preprocessing
-    record as JSON (it survives batch collation), so predictions can be mapped back onto the
-    original grid with ``PreprocessRecord.from_dict(json.loads(...))``.
-    """
-
-    def __call__(self, item: Dict[str, Any]) -> Dict[str, Any]:
-        import torch
-
-        config = PreprocessConfig(**json.loads(item["preprocess"]))
-        image = read_volume(item["image_path"], "image")
-        pre, record = preprocess(image, config)
-        if item["has_label"]:
-            label = apply_to_label(record, read_volume(item["label_path"], "label")).array
-        else:
-            label = np.zeros(pre.shape, dtype=np.uint8)
-        out = dict(item)
-        out["image"] = torch.from_numpy(pre.array[None].copy())
-        out["label"] = torch.from_numpy(label[None].copy())
-        out["record"] = json.dumps(record.to_dict())
-        return out
-
-
 def make_dataset(spec: DatasetSpec, config: Optional[PreprocessConfig] = None, cache: str = "memory", cache_dir: Optional[os.PathLike | str] = None, transform=None):
     """A MONAI dataset of preprocessed cases (labeled first, then unlabeled).
 
@@ -305,6 +280,8 @@ def make_dataset(spec: DatasetSpec, config: Optional[PreprocessConfig] = None, c
     """
     from monai.data import CacheDataset, Dataset, PersistentDataset
     from monai.transforms import Compose
+
+    from .transforms import LoadCased
 
     config = config or spec.preprocess_config()
     items = case_items(spec, config)
