@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,16 +171,30 @@ def test_unwritable_output_folder(tmp_path, make_volume):
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits; the 'not a folder' case covers root")
-def test_read_only_output_folder(tmp_path, make_volume):
+def _unwritable_folder(tmp_path):
+    """A folder this process cannot write: a read-only one (non-root), else sysfs/procfs."""
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
+    for folder in (ro, Path("/sys"), Path("/proc")):
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder)
+        except OSError:
+            return folder
+        os.close(fd)
+        os.unlink(probe)
+    pytest.skip("no unwritable folder on this machine")
+
+
+def test_read_only_output_folder(tmp_path, make_volume):
+    folder = _unwritable_folder(tmp_path)
     try:
+        with pytest.raises(OutputError, match=rf"{folder}: cannot write here \(.+\) \(choose another output folder"):
+            write_volume(make_volume(), folder / "out.nii.gz")
         with pytest.raises(OutputError, match="cannot write here"):
-            write_volume(make_volume(), ro / "out.nii.gz")
+            write_cohort(folder / "cohort", n=2)
     finally:
-        ro.chmod(0o700)
+        (tmp_path / "ro").chmod(0o700)
 
 
 def test_existing_cohort_is_not_overwritten(tmp_path):
