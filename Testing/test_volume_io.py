@@ -59,6 +59,8 @@ def test_index_to_physical_matches_simpleitk(make_volume):
     theirs = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, i))) for i in idx])
     np.testing.assert_allclose(ours, theirs, atol=1e-9)
     np.testing.assert_allclose(vol.physical_to_index(ours), idx, atol=1e-9)
+    homogeneous = np.c_[idx, np.ones(len(idx))] @ vol.affine.T
+    np.testing.assert_allclose(homogeneous[:, :3], theirs, atol=1e-9)
 
 
 def test_png_is_a_one_slice_volume(tmp_path):

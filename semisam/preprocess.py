@@ -18,7 +18,7 @@ same shape, spacing, origin and direction. A one-slice volume (a 2D image) stays
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -27,10 +27,6 @@ from scipy.signal import hilbert
 
 from .errors import InputError
 from .volume import Volume, check_not_constant
-
-#: Numpy axis names of a volume array.
-AXES = ("z", "y", "x")
-
 
 @dataclass
 class PreprocessConfig:
@@ -118,7 +114,6 @@ class PreprocessRecord:
     config: PreprocessConfig
     intensity_range: Tuple[float, float]
     crop_offset: Tuple[int, int, int]  # (z, y, x) voxel offset of the crop on the resampled lattice
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -127,7 +122,6 @@ class PreprocessRecord:
             "config": self.config.to_dict(),
             "intensity_range": list(self.intensity_range),
             "crop_offset": list(self.crop_offset),
-            "extra": dict(self.extra),
         }
 
     @classmethod
@@ -138,7 +132,6 @@ class PreprocessRecord:
             PreprocessConfig(**d["config"]),
             tuple(d["intensity_range"]),
             tuple(d["crop_offset"]),
-            dict(d.get("extra", {})),
         )
 
 

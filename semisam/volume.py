@@ -452,7 +452,7 @@ def write_volume(volume: Volume, path: os.PathLike | str, compress: bool = True)
         OutputError: the destination cannot be written (nothing is written then).
     """
     path = Path(path)
-    suffix, fmt = format_of(path)
+    _, fmt = format_of(path)
     if fmt == "PNG":
         _check_png_writable(volume, path)
     if fmt == DICOM and path.exists() and any(path.iterdir()):
