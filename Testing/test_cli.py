@@ -103,4 +103,6 @@ def test_demo_writes_its_pictures(tmp_path, capsys):
         png = tmp_path / "demo" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
         assert str(png) in printed
-    assert "round trip" in printed
+    assert "label Dice after preprocess -> invert" in printed
+    dices = [float(line.split()[-1]) for line in printed.splitlines() if line.startswith("case_")]
+    assert len(dices) == 2 and min(dices) > 0.9
