@@ -8,6 +8,7 @@ user can fix are printed as one line per problem, without a traceback, with exit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:  # argument values our functions refuse (e.g. --labeled > --n)
         print(f"semisam {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
