@@ -104,6 +104,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    import json
+
+    from .models.registry import models_folder, status
+
+    rows = status()
+    if args.json:
+        print(json.dumps({"models_folder": str(models_folder()), "models": rows}, indent=2))
+        return 0
+    print(f"models folder: {models_folder()} (set SEMISAM_MODELS to change it)")
+    print(f"{'name':<17}{'roles':<38}{'checkpoint':<12}file")
+    for r in rows:
+        state = "present" if r["present"] else "missing"
+        where = r["path"] or f"{r['expected_at']}  <- {r['obtain']}"
+        print(f"{r['name']:<17}{', '.join(r['roles']):<38}{state:<12}{where}")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .inference import segment_volume
+    from .models.encoders import EmbeddingCache, build_sam_vit, litemedsam_encoder, sam_encoder
+    from .models.student import load_student
+    from .preprocess import PreprocessConfig
+    from .volume import format_of, read_volume, write_volume
+
+    for out in [args.output] + ([args.uncertainty] if args.uncertainty else []):
+        format_of(out)  # refuse an unknown extension before any work
+    t0 = time.time()
+    student, extra = load_student(args.checkpoint, args.device)
+    if student.config.encoder == "litemedsam":
+        encoder = litemedsam_encoder(device=args.device)
+    else:
+        encoder = sam_encoder(build_sam_vit(args.encoder_checkpoint, args.device, name=student.config.encoder), student.config.encoder)
+    config = PreprocessConfig(**extra["preprocess"]) if "preprocess" in extra else PreprocessConfig()
+    volume = read_volume(args.input)
+    cache = EmbeddingCache(args.cache_dir) if args.cache_dir else EmbeddingCache()
+    result = segment_volume(volume, student, encoder, config, cache, uncertainty=bool(args.uncertainty), device=args.device)
+    write_volume(result.label, args.output)
+    if args.uncertainty:
+        write_volume(result.uncertainty, args.uncertainty)
+    voxels = int((result.label.array > 0).sum())
+    ml = voxels * float(__import__("numpy").prod(volume.spacing)) / 1000.0
+    print(f"wrote {args.output}: {voxels} foreground voxels ({ml:.2f} ml) on the input grid {volume.shape}; {time.time() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="semisam",
@@ -134,6 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-2d", action="store_true", help="accept 2D images (one-slice volumes)")
     p.add_argument("--num-labels", type=int, default=None, help="highest label value allowed (default: from dataset.json)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("models", help="list the model catalogue and which checkpoints are present",
+                       description="List the catalogued models, their roles, and whether their checkpoints are present.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("segment", help="segment a volume with a trained student (output on the input's grid)",
+                       description="One-click segmentation with a trained Slicing-SAM3D student.")
+    p.add_argument("input", help="image volume (any supported format, or a DICOM folder)")
+    p.add_argument("output", help="label map to write; the format follows the extension")
+    p.add_argument("--checkpoint", required=True, help="student checkpoint (.pt) written by training")
+    p.add_argument("--uncertainty", default=None, metavar="PATH", help="also write the per-voxel uncertainty volume")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
+    p.add_argument("--encoder-checkpoint", default=None, help="SAM/MedSAM ViT-B weights when the student was trained on them")
+    p.add_argument("--cache-dir", default=None, help="keep slice embeddings here for later runs")
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="run the main job on the embedded default (for now: a phantom cohort and its picture)",
                        description="Make a small phantom cohort, preprocess it and write pictures.")

@@ -1,0 +1,209 @@
+"""Checkpoints, encoders and their cache, the Slicing-SAM3D student, `semisam segment`."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from semisam.cli import main
+from semisam.inference import segment_volume
+from semisam.models.checkpoints import CheckpointError, load_state_dict, load_strict, require_file
+from semisam.models.encoders import EmbeddingCache, build_sam_vit, litemedsam_checkpoint, sam_encoder
+from semisam.models.student import SlicingSAM3D, StudentConfig, load_student
+from semisam.phantom import make_phantom
+from semisam.preprocess import PreprocessConfig, apply_to_label, preprocess
+from semisam.volume import read_volume, write_volume
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/semisam_pwned",))
+
+
+@pytest.fixture(scope="module")
+def small_sam():
+    return sam_encoder(build_sam_vit(small=True, seed=0), "sam-small")
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def test_checkpoint_refusals(tmp_path):
+    model = SlicingSAM3D(StudentConfig(channels=(8, 4)))
+    good = tmp_path / "good.pt"
+    torch.save(model.state_dict(), good)
+    load_strict(SlicingSAM3D(StudentConfig(channels=(8, 4))), load_state_dict(good), good, "student")
+    state = model.state_dict()
+    missing = dict(state)
+    missing.pop("head.weight")
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match=r"missing.pt: does not fit model 'student': 1 missing \(e\.g\. head\.weight\)"):
+        load_strict(model, load_state_dict(tmp_path / "missing.pt"), tmp_path / "missing.pt", "student")
+    wrong = dict(state)
+    wrong["head.weight"] = torch.zeros(3, 4, 1, 1, 1)
+    torch.save({"model": wrong}, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match=r"other shapes \(e\.g\. head\.weight: file \(3, 4, 1, 1, 1\), model \(1, 4, 1, 1, 1\)\)"):
+        load_strict(model, load_state_dict(tmp_path / "wrong.pt"), tmp_path / "wrong.pt", "student")
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        pickle.dump({"model": RunsCode()}, fh)
+    torch.save({"model": {"x": RunsCode()}}, tmp_path / "evil2.pt")
+    with pytest.raises(CheckpointError, match="evil2.pt: refused: the file contains Python objects that would run code"):
+        load_state_dict(tmp_path / "evil2.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: is not a readable PyTorch checkpoint"):  # a bare pickle
+        load_state_dict(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="would run code"):
+        load_student(tmp_path / "evil2.pt")
+    assert not os.path.exists("/tmp/semisam_pwned")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="junk.pt: is not a readable PyTorch checkpoint"):
+        load_state_dict(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="checkpoint for 'sam-med3d' not found .get it from the SAM-Med3D"):
+        require_file(tmp_path / "nope.pth", "sam-med3d", "the SAM-Med3D release")
+    with pytest.raises(CheckpointError, match="sha256 .* differs"):
+        require_file(good, "x", "y", sha256="0" * 64)
+
+
+def test_shipped_litemedsam_is_sha256_checked():
+    path = litemedsam_checkpoint()
+    assert path.name == "lite_medsam.pth" and path.stat().st_size > 30_000_000
+
+
+def test_student_checkpoint_round_trip_and_refusal(tmp_path):
+    model = SlicingSAM3D(StudentConfig(channels=(8, 4), num_labels=2, encoder="sam-small"))
+    model.save(tmp_path / "s.pt", extra={"preprocess": PreprocessConfig().to_dict()})
+    again, extra = load_student(tmp_path / "s.pt")
+    assert again.config == model.config and "preprocess" in extra
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a SemiSAM student checkpoint"):
+        load_student(tmp_path / "plain.pt")
+
+
+# -- encoders and cache -------------------------------------------------------------------------
+
+
+def test_cache_embeds_each_slice_once(small_sam, tmp_path):
+    image = np.random.default_rng(0).random((6, 40, 40)).astype(np.float32)
+    cache = EmbeddingCache(tmp_path / "cache")
+    part = cache.embed(image, small_sam, slices=[1, 3])
+    assert cache.encoded_slices == 2 and part.dtype == torch.float16 and part.shape == (6, 256, 16, 16)
+    full = cache.embed(image, small_sam)
+    assert cache.encoded_slices == 6  # only the 4 missing slices were added
+    cache.embed(image, small_sam)
+    assert cache.encoded_slices == 6
+    direct = small_sam.encode(image)
+    torch.testing.assert_close(full.float(), direct, atol=2e-2, rtol=1e-2)  # fp16 storage
+    # a new cache over the same folder reads the disk copy, encodes nothing
+    other = EmbeddingCache(tmp_path / "cache")
+    torch.testing.assert_close(other.embed(image, small_sam), full)
+    assert other.encoded_slices == 0
+    # other voxels, other key
+    other.embed(image[:, ::-1].copy(), small_sam)
+    assert other.encoded_slices == 6
+
+
+def test_encoder_normalises_like_sam(small_sam):
+    x = torch.full((1, 40, 40), 0.5)
+    inp = small_sam.to_input(x)
+    assert inp.shape == (1, 3, 256, 256)
+    expected = (127.5 - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
+    torch.testing.assert_close(inp[0, :, 0, 0], expected)
+
+
+# -- student --------------------------------------------------------------------------------
+
+
+def test_student_upsamples_in_plane_only():
+    model = SlicingSAM3D(StudentConfig(channels=(16, 8, 4)))
+    emb = torch.randn(2, 256, 7, 16, 16)
+    assert model(emb, (64, 64)).shape == (2, 1, 7, 64, 64)
+    assert model(emb, (50, 30)).shape == (2, 1, 7, 50, 30)
+    # each output slice depends only on a few neighbouring input slices (no depth resampling)
+    emb2 = emb.clone()
+    emb2[:, :, 0] += 5.0
+    diff = (model(emb2, (32, 32)) - model(emb, (32, 32))).abs().amax(dim=(0, 1, 3, 4))
+    assert diff[0] > 0 and torch.all(diff[4:] == 0)  # 3 conv layers of kernel 3 reach 3 slices
+
+
+def test_blockwise_inference_matches_one_block():
+    torch.manual_seed(0)
+    model = SlicingSAM3D(StudentConfig(channels=(8, 4), block_depth=64))
+    emb = torch.randn(256, 12, 16, 16)
+    whole = model.infer(emb, (32, 32))
+    with torch.no_grad():
+        direct = torch.sigmoid(model(emb[None], (32, 32)))[0]
+    torch.testing.assert_close(whole, direct, atol=1e-5, rtol=1e-5)
+    model.config.block_depth = 8  # overlapping blocks: interior slices of each block are exact
+    blocks = model.infer(emb, (32, 32))
+    assert blocks.shape == whole.shape and float((blocks - whole).abs().mean()) < 0.02
+
+
+def test_student_trains_on_a_phantom(small_sam):
+    case = make_phantom(3, (64, 64, 64))
+    config = PreprocessConfig(target_shape=(24, 64, 64), target_spacing=(0.8, 0.8, 0.8))
+    pre, record = preprocess(case.image, config)
+    label = torch.from_numpy(apply_to_label(record, case.label).array > 0).float()[None, None]
+    emb = EmbeddingCache().embed(pre.array, small_sam).float().permute(1, 0, 2, 3)[None]
+    torch.manual_seed(0)
+    model = SlicingSAM3D(StudentConfig(channels=(32, 16, 8), encoder="sam-small"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    from monai.losses import DiceCELoss
+
+    loss_fn = DiceCELoss(sigmoid=True)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(model(emb, pre.shape[1:]), label)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:3]), losses  # Dice + CE keeps falling
+
+
+def test_segment_volume_writes_on_the_input_grid(small_sam, tmp_path):
+    case = make_phantom(4, (32, 40, 40))
+    student = SlicingSAM3D(StudentConfig(channels=(8, 4), block_depth=8, encoder="sam-small"))
+    config = PreprocessConfig(target_shape=(16, 48, 48), target_spacing=(1.0, 1.0, 1.0))
+    result = segment_volume(case.image, student, small_sam, config, uncertainty=True)
+    for vol in (result.label, result.probability, result.uncertainty):
+        assert vol.same_grid(case.image, tol=1e-9)
+    assert result.label.array.dtype == np.uint8
+    assert float(result.uncertainty.array.max()) > 0.0
+    with pytest.raises(ValueError, match="trained on 'litemedsam' embeddings"):
+        segment_volume(case.image, SlicingSAM3D(), small_sam, config)
+
+
+@pytest.mark.slow
+def test_segment_command_with_the_real_encoder(tmp_path, capsys):
+    # A student on the real LiteMedSAM encoder (few slices to keep the CPU time small).
+    case = make_phantom(8, (24, 48, 48))
+    write_volume(case.image, tmp_path / "in.nrrd")
+    config = PreprocessConfig(target_shape=(4, 64, 64), target_spacing=(1.2, 1.2, 1.2))
+    student = SlicingSAM3D(StudentConfig(channels=(8, 4), block_depth=4))
+    student.save(tmp_path / "student.pt", extra={"preprocess": config.to_dict()})
+    args = ["segment", str(tmp_path / "in.nrrd"), str(tmp_path / "out.nii.gz"), "--checkpoint", str(tmp_path / "student.pt"), "--uncertainty", str(tmp_path / "unc.nrrd")]
+    assert main(args) == 0
+    assert "foreground voxels" in capsys.readouterr().out
+    out = read_volume(tmp_path / "out.nii.gz", "label")
+    assert out.same_grid(case.image)
+    assert read_volume(tmp_path / "unc.nrrd").same_grid(case.image)
+    assert main(["segment", str(tmp_path / "in.nrrd"), str(tmp_path / "o.xyz"), "--checkpoint", str(tmp_path / "student.pt")]) == 2
+    assert "unknown file extension" in capsys.readouterr().err
+
+
+def test_models_command(capsys):
+    assert main(["models", "--json"]) == 0
+    import json
+
+    doc = json.loads(capsys.readouterr().out)
+    names = {m["name"]: m for m in doc["models"]}
+    assert names["litemedsam"]["present"] and names["litemedsam"]["sha256"]
+    for name in ("medsam-vit-b", "sam-med3d", "medsam2"):
+        assert name in names and names[name]["obtain"]
+    assert main(["models"]) == 0
+    assert "litemedsam" in capsys.readouterr().out

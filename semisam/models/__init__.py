@@ -1,0 +1,1 @@
+"""Models: frozen slice encoders, the Slicing-SAM3D student, promptable teachers, registry."""

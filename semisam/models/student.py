@@ -1,0 +1,166 @@
+"""The "Slicing SAM3D" student: frozen per-slice SAM embeddings + a small trainable 3D decoder.
+
+Each slice of a preprocessed volume is encoded by a frozen 2D SAM-family encoder
+(:mod:`semisam.models.encoders`); the ``C x G x G`` embeddings are stacked along depth into a
+``(C, D, G, G)`` tensor and decoded by a 3D CNN that upsamples **in-plane only** (depth was
+never downsampled, so it is never upsampled) to logits on the preprocessed grid.
+
+Inference (handbook Algorithm 1) runs depth blocks of ``D_s`` slices with overlap through
+MONAI's sliding-window inferer (Gaussian blending), so memory does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class StudentConfig:
+    """Decoder hyper-parameters (saved in every student checkpoint).
+
+    Attributes:
+        embed_dim: channels of the encoder's embeddings (256 for SAM-family encoders).
+        channels: widths of the decoder stages; each stage after the first upsamples x2 in-plane.
+        num_labels: K structures; 1 gives one sigmoid logit, K > 1 gives K+1 softmax logits.
+        block_depth: D_s, slices per inference block.
+        block_overlap: overlap of neighbouring blocks (fraction of D_s).
+        encoder: name of the frozen encoder the student was trained on.
+    """
+
+    embed_dim: int = 256
+    channels: Tuple[int, ...] = (64, 32, 16)
+    num_labels: int = 1
+    block_depth: int = 16
+    block_overlap: float = 0.5
+    encoder: str = "litemedsam"
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.num_labels < 1:
+            raise ValueError("num_labels must be >= 1")
+        if self.block_depth < 1 or not 0 <= self.block_overlap < 1:
+            raise ValueError("block_depth must be >= 1 and block_overlap in [0, 1)")
+
+    @property
+    def out_channels(self) -> int:
+        return 1 if self.num_labels == 1 else self.num_labels + 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+
+class ChannelNorm(nn.Module):
+    """Layer norm over channels at each voxel. Unlike instance/group norm it uses no
+    statistics across slices, so a depth block's output does not depend on the block's
+    other contents: blockwise inference equals whole-volume inference away from block edges."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, kernel_size=3, padding=1, bias=False),
+        ChannelNorm(cout),
+        nn.LeakyReLU(0.01, inplace=True),
+    )
+
+
+class SlicingSAM3D(nn.Module):
+    """3D CNN decoder over stacked slice embeddings ``(B, C, D, G, G)`` -> logits ``(B, K', D, H, W)``.
+
+    The output in-plane size ``(H, W)`` is passed to :meth:`forward` (the preprocessed grid):
+    each stage doubles the in-plane size up to it, a last in-plane interpolation matches it
+    exactly; depth is never resampled.
+    """
+
+    def __init__(self, config: Optional[StudentConfig] = None):
+        super().__init__()
+        self.config = config or StudentConfig()
+        c = self.config.channels
+        self.stem = nn.Sequential(nn.Conv3d(self.config.embed_dim, c[0], kernel_size=1), _block(c[0], c[0]))
+        self.stages = nn.ModuleList(_block(cin, cout) for cin, cout in zip(c[:-1], c[1:]))
+        self.head = nn.Conv3d(c[-1], self.config.out_channels, kernel_size=1)
+
+    def forward(self, embeddings: torch.Tensor, out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        if embeddings.ndim != 5 or embeddings.shape[1] != self.config.embed_dim:
+            raise ValueError(f"expected (B, {self.config.embed_dim}, D, G, G) embeddings, got {tuple(embeddings.shape)}")
+        x = self.stem(embeddings.float())
+        for stage in self.stages:
+            # x2 in-plane per stage, but never beyond the output grid (depth is left alone)
+            h, w = x.shape[-2:]
+            th, tw = (2 * h, 2 * w) if out_size is None else (min(2 * h, max(h, out_size[0])), min(2 * w, max(w, out_size[1])))
+            if (th, tw) != (h, w):
+                x = F.interpolate(x, size=(x.shape[2], th, tw), mode="trilinear", align_corners=False)
+            x = stage(x)
+        x = self.head(x)
+        if out_size is not None and tuple(x.shape[-2:]) != tuple(out_size):
+            x = F.interpolate(x, size=(x.shape[2], *out_size), mode="trilinear", align_corners=False)
+        return x
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Foreground probability (K = 1) or per-class probabilities (K > 1)."""
+        return torch.sigmoid(logits) if self.config.out_channels == 1 else torch.softmax(logits, dim=1)
+
+    @torch.inference_mode()
+    def infer(self, embeddings: torch.Tensor, out_size: Tuple[int, int], device: str | torch.device = "cpu") -> torch.Tensor:
+        """Blockwise inference over depth (Algorithm 1) on ``(C, D, G, G)`` embeddings.
+
+        Returns probabilities ``(K', D, H, W)`` (float32, CPU). Blocks of ``block_depth``
+        slices overlap by ``block_overlap`` and are blended with Gaussian weights.
+        """
+        from monai.inferers import sliding_window_inference
+
+        self.eval()
+        emb = embeddings.unsqueeze(0) if embeddings.ndim == 4 else embeddings
+        d, g = emb.shape[2], emb.shape[-1]
+        roi = (min(self.config.block_depth, d), emb.shape[-2], g)
+
+        def predictor(x: torch.Tensor) -> torch.Tensor:
+            return self.probabilities(self(x.to(device), out_size))
+
+        # The predictor's output is (H/G)x larger in-plane; MONAI scales the windows to match.
+        probs = sliding_window_inference(
+            emb.float(), roi_size=roi, sw_batch_size=1, predictor=predictor,
+            overlap=self.config.block_overlap, mode="gaussian", sw_device=device, device="cpu",
+        )
+        return probs[0].float()
+
+    def save(self, path, extra: Optional[Dict[str, Any]] = None) -> None:
+        """Save weights + config atomically (loadable with ``weights_only=True``)."""
+        import os
+        import tempfile
+        from pathlib import Path
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"model": self.state_dict(), "semisam_student": self.config.to_dict(), "extra": dict(extra or {})}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+
+def load_student(path, device: str = "cpu") -> Tuple[SlicingSAM3D, Dict[str, Any]]:
+    """A student saved by :meth:`SlicingSAM3D.save`; refuses other files with a clear message."""
+    from .checkpoints import CheckpointError, load_strict, safe_torch_load
+
+    payload = safe_torch_load(path)
+    if not isinstance(payload, dict) or "semisam_student" not in payload or "model" not in payload:
+        raise CheckpointError(path, "is not a SemiSAM student checkpoint (no 'semisam_student' config)", "pass a checkpoint written by `semisam train`")
+    config = StudentConfig(**payload["semisam_student"])
+    model = SlicingSAM3D(config)
+    load_strict(model, payload["model"], path, "slicing-sam3d student")
+    return model.to(device).eval(), dict(payload.get("extra", {}))
