@@ -207,3 +207,21 @@ def test_models_command(capsys):
         assert name in names and names[name]["obtain"]
     assert main(["models"]) == 0
     assert "litemedsam" in capsys.readouterr().out
+
+
+def test_build_model_finds_or_refuses_user_checkpoints(tmp_path, monkeypatch):
+    from semisam.errors import SemiSAMError
+    from semisam.models.registry import build_model
+    from semisam.models.teacher_medsam2 import MedSAM2Teacher
+
+    monkeypatch.setenv("SEMISAM_MODELS", str(tmp_path))
+    for name, file in (("sam-med3d", "sam_med3d.pth"), ("medsam2", "MedSAM2_latest.pt"), ("medsam-vit-b", "medsam_vit_b.pth")):
+        with pytest.raises(CheckpointError, match=rf"{file}: checkpoint for '{name}' not found \(get it from"):
+            build_model(name)
+    with pytest.raises(SemiSAMError, match="unknown model 'nope'"):
+        build_model("nope")
+    # a file in the models folder is found and checked against the real architecture
+    small = MedSAM2Teacher(small=True)
+    torch.save({"model": small.predictor.state_dict()}, tmp_path / "MedSAM2_latest.pt")
+    with pytest.raises(CheckpointError, match="MedSAM2_latest.pt: does not fit model 'medsam2'"):
+        build_model("medsam2")

@@ -125,11 +125,17 @@ def test_prompt_coordinates_reach_sam2_as_scaled_xy(teacher, state):
     handle = teacher.predictor.sam_prompt_encoder.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         teacher.predict(state, Prompts(boxes2d=[[3, 10, 12, 40, 44]], points=[[3, 30, 50]], point_labels=[0]))
+        teacher.predict(teacher.prepare(np.zeros((4, 32, 64), np.float32)), Prompts(points=[[1, 10, 16]], point_labels=[1]))
     finally:
         handle.remove()
-    coords, labels = seen[0]  # the key slice: box corners (x0, y0), (x1, y1), then the point (x, y)
+    prompted = [entry for entry in seen if entry[1] != [-1]]  # tracked frames get a padding point -1
+    assert len(prompted) == 2
+    coords, labels = prompted[0]  # the key slice: box corners (x0, y0), (x1, y1), then the point (x, y)
     assert labels == [2, 3, 0]
     np.testing.assert_allclose(coords, [[24, 20], [88, 80], [100, 60]])  # 64 -> 128 frames
+    coords, labels = prompted[1]  # a 32 x 64 (y, x) slice stretched to 128 x 128
+    assert labels == [1]
+    np.testing.assert_allclose(coords, [[32, 40]])
 
 
 def test_mask_prompt_is_kept_on_its_slice():

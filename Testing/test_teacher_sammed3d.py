@@ -256,4 +256,4 @@ def test_full_size_forward_on_random_weights():
     out = teacher.predict(state, point(70, 65, 60))
     print(f"\nfull-size SAM-Med3D, one 128^3 crop (encode + decode): {time.perf_counter() - start:.1f} s")
     assert out.shape == image.shape and 0 <= out.min() and out.max() <= 1
-    assert np.count_nonzero(out) == 128**3
+    assert np.count_nonzero(out) == 128 * 128 * 120  # x (120) is shorter than the crop: padded

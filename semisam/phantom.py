@@ -17,7 +17,8 @@ A phantom is built in the scanner's frame and then given a patient-space pose:
 * **RF** (optional): the same echoes modulated on a carrier along the beam axis, so that
   envelope detection (:func:`semisam.preprocess.envelope_log`) recovers the B-mode. The carrier
   runs at a quarter of the axial sampling rate: real RF is sampled far finer, but this keeps
-  the files small and the envelope exact enough to test the RF path.
+  the files small and the envelope exact enough to test the RF path. To stay band-limited
+  below that carrier, RF phantoms use an axial point-spread function of at least 1.3 voxels.
 
 Array axes: ``[z, y, x]`` = [elevation, depth (beam axis), lateral]. Everything is
 deterministic given the seed.
@@ -61,9 +62,9 @@ def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma_vox: Seq
 def _random_spacing(rng: np.random.Generator) -> Tuple[float, float, float]:
     """(x, y, z) = (lateral, depth, elevation) spacing in mm, anisotropic as real probes are."""
     return (
-        float(rng.uniform(0.45, 0.65)),  # lateral
-        float(rng.uniform(0.3, 0.44)),  # depth (axial resolution is the finest)
-        float(rng.uniform(0.7, 1.1)),  # elevation (sweep) is the coarsest
+        float(rng.uniform(0.75, 1.0)),  # lateral
+        float(rng.uniform(0.55, 0.7)),  # depth (axial resolution is the finest)
+        float(rng.uniform(1.05, 1.4)),  # elevation (sweep) is the coarsest
     )
 
 
@@ -140,7 +141,7 @@ def make_phantom(
     centres: List[Tuple[np.ndarray, float]] = []
     for k in range(1, num_labels + 1):
         size = min(extent[0], extent[1], extent[2] * 1.6)
-        scale = 0.22 if num_labels == 1 else 0.26 / np.sqrt(num_labels)
+        scale = 0.25 if num_labels == 1 else 0.28 / np.sqrt(num_labels)
         radii = size * scale * rng.uniform(0.75, 1.2, size=3)
         r_bottom = extent[1] - apex[1]  # along the central ray
         blob = None
@@ -159,7 +160,8 @@ def make_phantom(
                 continue
             whole = _target(rng, coords, centre, radii, spacing)
             blob = whole & fov & (label == 0)
-            if blob.sum() >= 0.95 * whole.sum():  # whole organ, inside the sector, no overlap
+            touches_edge = any(np.take(whole, i, axis=a).any() for a in range(3) for i in (0, -1))
+            if blob.sum() >= 0.95 * whole.sum() and not touches_edge:  # whole, in the sector, apart
                 break
         if blob is None or not blob.any():
             raise ValueError(f"cannot fit {num_labels} targets into a {shape} phantom; use a larger shape")
@@ -168,8 +170,8 @@ def make_phantom(
         # Organs are hypo- or hyperechoic with their own texture and a bright capsule.
         contrast = rng.choice([rng.uniform(0.05, 0.12), rng.uniform(4.0, 7.0)])
         echo[blob] = contrast * (1.0 + 0.15 * _smooth_noise(rng, shape, 3.0 / spacing[::-1])[blob])
-        capsule = ndimage.binary_dilation(blob, iterations=1) & ~ndimage.binary_erosion(blob, iterations=1)
-        echo[capsule] *= 1.8
+        capsule = blob & ~ndimage.binary_erosion(blob, iterations=1)
+        echo[capsule] *= 3.0
 
     # Strong reflectors with acoustic shadows along the rays behind them.
     shadow = np.ones(shape, dtype=np.float32)
@@ -193,6 +195,8 @@ def make_phantom(
     # Speckle: complex scatterers filtered by the PSF (sigma in mm: depth, lateral, elevation).
     psf_mm = np.array([rng.uniform(0.7, 1.0), rng.uniform(0.35, 0.5), rng.uniform(1.0, 1.5)])  # x, y, z
     psf_vox = psf_mm / spacing
+    if rf:  # the echoes must be band-limited below the carrier (a quarter of the axial rate)
+        psf_vox[1] = max(psf_vox[1], 1.3)
     psf_zyx = psf_vox[::-1]
     scatter = np.sqrt(np.clip(echo, 0, None)) * shadow
     iq = ndimage.gaussian_filter(scatter * rng.standard_normal(shape), psf_zyx) + 1j * ndimage.gaussian_filter(
