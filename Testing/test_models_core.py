@@ -225,3 +225,27 @@ def test_build_model_finds_or_refuses_user_checkpoints(tmp_path, monkeypatch):
     torch.save({"model": small.predictor.state_dict()}, tmp_path / "MedSAM2_latest.pt")
     with pytest.raises(CheckpointError, match="MedSAM2_latest.pt: does not fit model 'medsam2'"):
         build_model("medsam2")
+
+
+def test_fast_encoder_matches_the_plain_one():
+    from semisam.models.encoders import fast_encoder, litemedsam_encoder
+
+    plain = litemedsam_encoder()
+    fast = fast_encoder(plain)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.module.modules())  # folded
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.module.modules())  # original untouched
+    assert fast.cache_id != plain.cache_id
+    slices = np.random.default_rng(0).random((2, 96, 96)).astype(np.float32)
+    a, b = plain.encode(slices).flatten(1), fast.encode(slices, batch_size=2).flatten(1)
+    assert float(torch.nn.functional.cosine_similarity(a, b).min()) > 0.99
+    exact = fast_encoder(plain, precision="fp32")  # folding alone changes only rounding
+    torch.testing.assert_close(exact.encode(slices), plain.encode(slices), atol=2e-3, rtol=1e-3)
+
+
+def test_fixed_batch_padding_keeps_results(small_sam):
+    # compiled encoders see one batch shape only; the padding must not change any embedding
+    from dataclasses import replace
+
+    padded = replace(small_sam, fixed_batch=4)
+    slices = np.random.default_rng(2).random((6, 32, 32)).astype(np.float32)
+    torch.testing.assert_close(padded.encode(slices, batch_size=2), small_sam.encode(slices, batch_size=6), atol=1e-4, rtol=1e-4)

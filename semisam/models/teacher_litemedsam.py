@@ -19,96 +19,21 @@ is embedded once for everyone.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .encoders import EmbeddingCache, SliceEncoder, build_litemedsam, litemedsam_encoder
-from .prompts import Prompts
+from .slice_teacher import SliceSAMTeacher
 
 
-class LiteMedSAMTeacher:
+class LiteMedSAMTeacher(SliceSAMTeacher):
     """Promptable LiteMedSAM over the slices of a volume (implements ``Teacher``)."""
 
     name = "litemedsam"
+    boxes_from_clicks = True
+    mask_as_dense = False
 
     def __init__(self, net: Optional[torch.nn.Module] = None, encoder: Optional[SliceEncoder] = None, cache: Optional[EmbeddingCache] = None, device: str = "cpu", click_box_fraction: float = 0.15, box_margin: float = 6.0):
-        self.net = net if net is not None else build_litemedsam(device=device)
-        self.encoder = encoder if encoder is not None else litemedsam_encoder(self.net)
-        self.cache = cache if cache is not None else EmbeddingCache()
-        self.device = torch.device(device)
-        self.click_box_fraction = float(click_box_fraction)
-        self.box_margin = float(box_margin)
-        self.size = 256  # LiteMedSAM's input side: prompts are given in this frame
-
-    def prepare(self, image: np.ndarray) -> Dict[str, Any]:
-        """Remember the volume; slices are embedded (once, cached) when a prompt needs them."""
-        image = np.asarray(image, dtype=np.float32)
-        if image.ndim != 3:
-            raise ValueError(f"image must be (z, y, x), got shape {image.shape}")
-        return {"image": image}
-
-    def slice_boxes(self, prompts: Prompts, shape) -> Dict[int, np.ndarray]:
-        """The (y0, x0, y1, x1) box used on each slice (see the module docstring)."""
-        depth, h, w = shape
-        boxes: Dict[int, np.ndarray] = {}
-        for z, y0, x0, y1, x1 in prompts.boxes2d:
-            boxes[int(z)] = np.array([y0, x0, y1, x1], np.float32)
-        if prompts.mask is not None:
-            m = prompts.mask > 0.5
-            for z in np.flatnonzero(m.any(axis=(1, 2))):
-                if int(z) in boxes:
-                    continue
-                ys, xs = np.nonzero(m[z])
-                boxes[int(z)] = np.array([ys.min(), xs.min(), ys.max(), xs.max()], np.float32)
-        if prompts.box3d is not None:
-            z0, y0, x0, z1, y1, x1 = prompts.box3d
-            for z in range(max(int(round(z0)), 0), min(int(round(z1)), depth - 1) + 1):
-                boxes.setdefault(z, np.array([y0, x0, y1, x1], np.float32))
-        pos = prompts.points[prompts.point_labels == 1]
-        half = np.array([h, w], np.float32) * self.click_box_fraction
-        for z in np.unique(np.round(pos[:, 0]).astype(int)) if len(pos) else []:
-            if int(z) in boxes:
-                continue
-            yx = pos[np.round(pos[:, 0]).astype(int) == z][:, 1:]
-            lo = np.maximum(yx.min(axis=0) - half, 0)
-            hi = np.minimum(yx.max(axis=0) + half, [h - 1, w - 1])
-            boxes[int(z)] = np.array([lo[0], lo[1], hi[0], hi[1]], np.float32)
-        return boxes
-
-    @torch.inference_mode()
-    def predict(self, state: Dict[str, Any], prompts: Prompts) -> np.ndarray:
-        """Foreground probability ``(z, y, x)``; slices without a prompt stay 0."""
-        image = state["image"]
-        prompts.validate(image.shape)
-        boxes = self.slice_boxes(prompts, image.shape)
-        if not boxes:
-            raise ValueError("LiteMedSAM needs a box, a mask or a positive click on some slice")
-        depth, h, w = image.shape
-        zs = sorted(boxes)
-        emb = self.cache.embed(image, self.encoder, slices=zs)
-        scale = np.array([self.size / h, self.size / w], np.float32)
-        out = np.zeros(image.shape, np.float32)
-        pe = self.net.prompt_encoder.get_dense_pe()
-        for z in zs:
-            y0, x0, y1, x1 = (boxes[z] + 0.5) * np.tile(scale, 2) - 0.5
-            m, top = self.box_margin, self.size - 1
-            y0, x0, y1, x1 = max(y0 - m, 0), max(x0 - m, 0), min(y1 + m, top), min(x1 + m, top)
-            box = torch.tensor([[[x0, y0, x1, y1]]], dtype=torch.float32, device=self.device)
-            on_slice = np.round(prompts.points[:, 0]).astype(int) == z
-            points = None
-            if on_slice.any():
-                yx = (prompts.points[on_slice][:, 1:] + 0.5) * scale - 0.5
-                coords = torch.tensor(yx[:, ::-1].copy()[None], dtype=torch.float32, device=self.device)  # (x, y)
-                labels = torch.tensor(prompts.point_labels[on_slice][None], dtype=torch.int64, device=self.device)
-                points = (coords, labels)
-            sparse, dense = self.net.prompt_encoder(points=points, boxes=box, masks=None)
-            logits, _ = self.net.mask_decoder(
-                image_embeddings=emb[z : z + 1].float().to(self.device), image_pe=pe,
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-            )
-            logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-            out[z] = torch.sigmoid(logits)[0, 0].cpu().numpy()
-        return out
+        net = net if net is not None else build_litemedsam(device=device)
+        super().__init__(net, encoder if encoder is not None else litemedsam_encoder(net), cache, device, click_box_fraction, box_margin)
