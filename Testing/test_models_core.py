@@ -51,11 +51,11 @@ def test_checkpoint_refusals(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as fh:
         pickle.dump({"model": RunsCode()}, fh)
     torch.save({"model": {"x": RunsCode()}}, tmp_path / "evil2.pt")
-    with pytest.raises(CheckpointError, match="evil2.pt: refused: the file contains Python objects that would run code"):
+    with pytest.raises(CheckpointError, match="evil2.pt: refused: the file holds Python objects other than tensors, which could run code"):
         load_state_dict(tmp_path / "evil2.pt")
     with pytest.raises(CheckpointError, match="evil.pt: is not a readable PyTorch checkpoint"):  # a bare pickle
         load_state_dict(tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="would run code"):
+    with pytest.raises(CheckpointError, match="could run code"):
         load_student(tmp_path / "evil2.pt")
     assert not os.path.exists("/tmp/semisam_pwned")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
@@ -74,9 +74,10 @@ def test_shipped_litemedsam_is_sha256_checked():
 
 def test_student_checkpoint_round_trip_and_refusal(tmp_path):
     model = SlicingSAM3D(StudentConfig(channels=(8, 4), num_labels=2, encoder="sam-small"))
-    model.save(tmp_path / "s.pt", extra={"preprocess": PreprocessConfig().to_dict()})
+    model.save(tmp_path / "s.pt", extra={"preprocess": PreprocessConfig().to_dict(), "best_dice": np.float64(0.91), "curve": np.arange(3)})
     again, extra = load_student(tmp_path / "s.pt")
     assert again.config == model.config and "preprocess" in extra
+    assert extra["best_dice"] == 0.91 and extra["curve"] == [0, 1, 2]  # numpy values stored as plain ones
     for k, v in model.state_dict().items():
         torch.testing.assert_close(again.state_dict()[k], v)
     torch.save(model.state_dict(), tmp_path / "plain.pt")
@@ -138,9 +139,10 @@ def test_blockwise_inference_matches_one_block():
     with torch.no_grad():
         direct = torch.sigmoid(model(emb[None], (32, 32)))[0]
     torch.testing.assert_close(whole, direct, atol=1e-5, rtol=1e-5)
-    model.config.block_depth = 8  # overlapping blocks: interior slices of each block are exact
+    model.config.block_depth = 8  # overlapping blocks, blended along depth only
     blocks = model.infer(emb, (32, 32))
-    assert blocks.shape == whole.shape and float((blocks - whole).abs().mean()) < 0.02
+    assert blocks.shape == whole.shape
+    assert float((blocks - whole).abs().mean()) < 2e-3 and float((blocks - whole).abs().max()) < 0.05
 
 
 def test_student_trains_on_a_phantom(small_sam):
@@ -249,3 +251,32 @@ def test_fixed_batch_padding_keeps_results(small_sam):
     padded = replace(small_sam, fixed_batch=4)
     slices = np.random.default_rng(2).random((6, 32, 32)).astype(np.float32)
     torch.testing.assert_close(padded.encode(slices, batch_size=2), small_sam.encode(slices, batch_size=6), atol=1e-4, rtol=1e-4)
+
+
+def test_medsam_gets_unit_inputs_and_sam_gets_its_normalisation():
+    net = build_sam_vit(small=True, seed=0)
+    medsam, sam = sam_encoder(net, "medsam-vit-b"), sam_encoder(net, "sam-vit-b")
+    x = torch.full((1, 40, 40), 0.25)
+    assert torch.allclose(medsam.to_input(x), torch.full((1, 3, 256, 256), 0.25))  # MedSAM: [0, 1] as is
+    assert not torch.allclose(sam.to_input(x), medsam.to_input(x))
+    assert medsam.cache_id != sam.cache_id  # cached embeddings never mix
+
+
+def test_student_refuses_embeddings_of_other_weights(small_sam):
+    other = sam_encoder(build_sam_vit(small=True, seed=5), "sam-small")
+    student = SlicingSAM3D(StudentConfig(channels=(8, 4), encoder="sam-small", encoder_id=small_sam.weights_id))
+    case = make_phantom(4, (16, 24, 24))
+    config = PreprocessConfig(target_shape=(8, 32, 32), target_spacing=(1.0, 1.0, 1.0))
+    segment_volume(case.image, student, small_sam, config)  # the right weights: fine
+    with pytest.raises(ValueError, match="embeddings of other 'sam-small' weights"):
+        segment_volume(case.image, student, other, config)
+
+
+def test_prompts_outside_the_volume_are_refused():
+    from semisam.models.prompts import Prompts
+
+    with pytest.raises(ValueError, match="2D box .* lies outside the volume"):
+        Prompts(boxes2d=[[1, 0, 0, 50, 10]]).validate((4, 32, 32))
+    with pytest.raises(ValueError, match="3D box"):
+        Prompts(box3d=(0, 0, 0, 40, 5, 5)).validate((4, 32, 32))  # x, y, z order by mistake
+    Prompts(boxes2d=[[3, 0, 0, 31, 31]], box3d=(0, 0, 0, 3, 31, 31)).validate((4, 32, 32))

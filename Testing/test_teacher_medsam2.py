@@ -195,7 +195,7 @@ def test_checkpoint_refusals(tmp_path, teacher):
     with pytest.raises(CheckpointError, match="other shapes .*maskmem_tpos_enc"):
         make_teacher(checkpoint=tmp_path / "wrong.pt")
     torch.save({"model": sd, "extra": Payload()}, tmp_path / "unsafe.pt")
-    with pytest.raises(CheckpointError, match="would run code"):
+    with pytest.raises(CheckpointError, match="could run code"):
         make_teacher(checkpoint=tmp_path / "unsafe.pt")
     with pytest.raises(CheckpointError, match="not found"):
         make_teacher(checkpoint=tmp_path / "absent.pt")

@@ -222,7 +222,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pth"
     torch.save({"model_state_dict": SAMMed3DTeacher.small_random().model.state_dict(), "payload": _RunsCode(str(marker))}, path)
-    with pytest.raises(CheckpointError, match="refused: the file contains Python objects that would run code"):
+    with pytest.raises(CheckpointError, match="refused: the file holds Python objects other than tensors, which could run code"):
         SAMMed3DTeacher(path, config=SAMMed3DConfig.small())
     assert not marker.exists()
 

@@ -49,6 +49,11 @@ def segment_volume(
     """
     if student.config.encoder != encoder.name:
         raise ValueError(f"the student was trained on '{student.config.encoder}' embeddings, not '{encoder.name}'")
+    if student.config.encoder_id and student.config.encoder_id != encoder.weights_id:
+        raise ValueError(
+            f"the student was trained on embeddings of other '{encoder.name}' weights "
+            f"({student.config.encoder_id}, given {encoder.weights_id}); pass the encoder checkpoint it was trained with"
+        )
     cache = cache or EmbeddingCache()
     pre, record = preprocess(volume, preprocess_config or PreprocessConfig())
     emb = cache.embed(pre.array, encoder).float().permute(1, 0, 2, 3)  # (C, D, G, G)

@@ -55,7 +55,7 @@ def safe_torch_load(path: os.PathLike | str):
     except Exception as exc:  # UnpicklingError for unsafe pickles, RuntimeError for corrupt zips
         text = str(exc)
         if "GLOBAL" in text or "Unsupported global" in text:
-            raise CheckpointError(path, "refused: the file contains Python objects that would run code when loaded", "SemiSAM only loads plain tensor checkpoints (torch.save(model.state_dict()))") from None
+            raise CheckpointError(path, "refused: the file holds Python objects other than tensors, which could run code when loaded", "SemiSAM only loads plain tensor checkpoints (torch.save(model.state_dict()))") from None
         raise CheckpointError(path, "is not a readable PyTorch checkpoint (corrupt, or a pickle of more than tensors)", "save weights with torch.save(model.state_dict())") from None
 
 

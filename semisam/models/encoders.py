@@ -42,7 +42,8 @@ class SliceEncoder:
         name: model name (``litemedsam``, ``medsam-vit-b``, ...).
         module: the image encoder ``nn.Module`` (B, 3, S, S) -> (B, C, G, G).
         input_size: S, the square input side.
-        cache_id: identifies the weights (checkpoint sha256 or random seed) for cache keys.
+        cache_id: identifies the weights (a digest of every tensor), the input normalisation and
+            the execution path, for cache keys.
         pixel_mean / pixel_std: per-channel normalisation on the 0..255 scale (SAM), or None
             for inputs in [0, 1] (LiteMedSAM).
     """
@@ -63,6 +64,11 @@ class SliceEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    @property
+    def weights_id(self) -> str:
+        """Weights + input normalisation, without the execution path (fp32/bf16/compiled)."""
+        return self.cache_id.split(":fast-")[0]
 
     def to_input(self, slices: torch.Tensor) -> torch.Tensor:
         """(B, y, x) slices in [0, 1] -> the encoder's (B, 3, S, S) input."""
@@ -125,10 +131,14 @@ def build_litemedsam(checkpoint: Optional[os.PathLike | str] = None, device: str
     return net.to(device).eval()
 
 
+#: Bumped whenever ``SliceEncoder.to_input`` changes, so old cached embeddings are not reused.
+INPUT_VERSION = "in1"
+
+
 def litemedsam_encoder(net: Optional[torch.nn.Module] = None, device: str = "cpu") -> SliceEncoder:
     """The TinyViT encoder of LiteMedSAM (shared with the LiteMedSAM teacher when ``net`` is given)."""
     net = net if net is not None else build_litemedsam(device=device)
-    cache_id = "litemedsam:" + _weights_digest(net.image_encoder)
+    cache_id = f"litemedsam:{_weights_digest(net.image_encoder)}:{INPUT_VERSION}-unit"
     return SliceEncoder("litemedsam", net.image_encoder, 256, cache_id)
 
 
@@ -165,10 +175,18 @@ def build_sam_vit(checkpoint: Optional[os.PathLike | str] = None, device: str = 
 
 
 def sam_encoder(sam: torch.nn.Module, name: str = "medsam-vit-b") -> SliceEncoder:
+    """The image encoder of a SAM-architecture model. SAM normalises 0..255 inputs with its
+    pixel mean/std; MedSAM was trained on [0, 1] inputs fed as they are (MedSAM's own
+    inference does no mean/std), so ``medsam*`` names get no normalisation."""
     size = sam.image_encoder.img_size
-    mean = tuple(float(v) for v in sam.pixel_mean.flatten())
-    std = tuple(float(v) for v in sam.pixel_std.flatten())
-    return SliceEncoder(name, sam.image_encoder, size, f"{name}:{_weights_digest(sam.image_encoder)}", mean, std)
+    if name.startswith("medsam"):
+        mean = std = None
+        norm = "unit"
+    else:
+        mean = tuple(float(v) for v in sam.pixel_mean.flatten())
+        std = tuple(float(v) for v in sam.pixel_std.flatten())
+        norm = "sam-meanstd"
+    return SliceEncoder(name, sam.image_encoder, size, f"{name}:{_weights_digest(sam.image_encoder)}:{INPUT_VERSION}-{norm}", mean, std)
 
 
 def bf16_supported() -> bool:
@@ -217,7 +235,8 @@ def fast_encoder(encoder: SliceEncoder, precision: str = "auto", compile: bool =
     module = module.to(memory_format=torch.channels_last)
     device = next(module.parameters()).device
     if precision == "auto":
-        precision = "bf16" if (device.type == "cuda" or bf16_supported()) else "fp32"
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else bf16_supported()
+        precision = "bf16" if native else "fp32"
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -231,12 +250,12 @@ def fast_encoder(encoder: SliceEncoder, precision: str = "auto", compile: bool =
 
 
 def _weights_digest(module: torch.nn.Module) -> str:
-    """A short digest of a module's weights (for cache keys)."""
+    """A digest of every tensor of a module (for cache keys; ~0.1 s for TinyViT)."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1)[:64].float().numpy().tobytes())
         h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().view(-1).float().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -276,6 +295,8 @@ class EmbeddingCache:
         if path is not None and path.is_file():
             try:
                 entry = torch.load(path, map_location="cpu", weights_only=True)
+                if entry["emb"].shape[0] != n or entry["done"].shape != (n,):
+                    entry = None
             except Exception:  # a damaged cache file is recomputed, never trusted
                 entry = None
         if entry is None:
@@ -309,8 +330,12 @@ class EmbeddingCache:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.cache_dir)
         os.close(fd)
-        torch.save(entry, tmp)
-        os.replace(tmp, self.cache_dir / f"{key}.pt")
+        try:
+            torch.save(entry, tmp)
+            os.replace(tmp, self.cache_dir / f"{key}.pt")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def _evict(self) -> None:
         def size(e):

@@ -61,8 +61,16 @@ class Prompts:
             raise ValueError(f"a point lies outside the volume {tuple(shape)}")
         if len(self.boxes2d):
             b = self.boxes2d
-            if np.any(b[:, 0] < 0) or np.any(b[:, 0] > upper[0]) or np.any(b[:, 1:3] > b[:, 3:5]):
-                raise ValueError("a 2D box lies outside the volume or has y0 > y1 / x0 > x1")
+            lo, hi = np.zeros(3, np.float32), upper
+            corners = np.concatenate([b[:, [0, 1, 2]], b[:, [0, 3, 4]]])
+            if np.any(corners < lo) or np.any(corners > hi):
+                raise ValueError(f"a 2D box (z, y0, x0, y1, x1) lies outside the volume {tuple(shape)}")
+            if np.any(b[:, 1:3] > b[:, 3:5]):
+                raise ValueError("a 2D box has y0 > y1 or x0 > x1")
+        if self.box3d is not None:
+            b3 = np.asarray(self.box3d, np.float32)
+            if np.any(b3[:3] > b3[3:]) or np.any(b3[:3] < 0) or np.any(b3[3:] > upper):
+                raise ValueError(f"the 3D box (z0, y0, x0, z1, y1, x1) = {self.box3d} lies outside the volume {tuple(shape)} or is inverted")
         if self.mask is not None and self.mask.shape != tuple(shape):
             raise ValueError(f"mask prompt shape {self.mask.shape} differs from the volume {tuple(shape)}")
 

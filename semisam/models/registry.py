@@ -59,11 +59,13 @@ def status() -> List[Dict[str, Any]]:
     """The catalogue with, for each model, whether its checkpoint is present and where."""
     rows = []
     for entry in catalogue().values():
+        problem = None
         try:
             path = checkpoint_path(entry)
-        except SemiSAMError:
-            path = None
-        rows.append({**entry.__dict__, "present": path is not None, "path": str(path) if path else None, "expected_at": str(models_folder() / entry.checkpoint) if not entry.shipped else None})
+        except SemiSAMError as exc:  # e.g. the shipped file fails its sha256 check
+            path, problem = None, str(exc)
+        expected = str(models_folder() / entry.checkpoint) if not entry.shipped else problem
+        rows.append({**entry.__dict__, "present": path is not None, "path": str(path) if path else None, "expected_at": expected})
     return rows
 
 

@@ -31,6 +31,8 @@ class StudentConfig:
         block_depth: D_s, slices per inference block.
         block_overlap: overlap of neighbouring blocks (fraction of D_s).
         encoder: name of the frozen encoder the student was trained on.
+        encoder_id: identity of that encoder's weights and input normalisation; inference
+            refuses an encoder with another identity.
     """
 
     embed_dim: int = 256
@@ -39,6 +41,7 @@ class StudentConfig:
     block_depth: int = 16
     block_overlap: float = 0.5
     encoder: str = "litemedsam"
+    encoder_id: str = ""  # the encoder's weights id (SliceEncoder.weights_id); "" = not recorded
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -119,7 +122,7 @@ class SlicingSAM3D(nn.Module):
         """Blockwise inference over depth (Algorithm 1) on ``(C, D, G, G)`` embeddings.
 
         Returns probabilities ``(K', D, H, W)`` (float32, CPU). Blocks of ``block_depth``
-        slices overlap by ``block_overlap`` and are blended with Gaussian weights.
+        slices overlap by ``block_overlap`` and are blended with Gaussian weights along depth.
         """
         from monai.inferers import sliding_window_inference
 
@@ -132,9 +135,15 @@ class SlicingSAM3D(nn.Module):
             return self.probabilities(self(x.to(device), out_size))
 
         # The predictor's output is (H/G)x larger in-plane; MONAI scales the windows to match.
+        for n_out, n_in in zip(out_size, emb.shape[-2:]):
+            if int(n_in * (n_out / n_in)) != n_out:  # MONAI sizes the output as int(in * zoom)
+                raise ValueError(f"in-plane size {n_out} is not reachable from a {n_in} embedding grid; use a multiple of it")
+        # Gaussian weights along depth only (sigma 1/8 of a block): slices near a block's inner
+        # edge, where the decoder sees less context, barely count; in-plane the weight is flat.
         probs = sliding_window_inference(
             emb.float(), roi_size=roi, sw_batch_size=1, predictor=predictor,
-            overlap=self.config.block_overlap, mode="gaussian", sw_device=device, device="cpu",
+            overlap=self.config.block_overlap, mode="gaussian", sigma_scale=(0.125, 1e3, 1e3),
+            sw_device=device, device="cpu",
         )
         return probs[0].float()
 
@@ -144,9 +153,17 @@ class SlicingSAM3D(nn.Module):
         import tempfile
         from pathlib import Path
 
+        import json
+
+        def plain(value):  # numpy scalars/arrays -> Python values; anything else is refused
+            if hasattr(value, "tolist"):
+                return value.tolist()
+            raise TypeError(f"checkpoint extra values must be JSON-like, got {type(value).__name__}")
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"model": self.state_dict(), "semisam_student": self.config.to_dict(), "extra": dict(extra or {})}
+        extra = json.loads(json.dumps(dict(extra or {}), default=plain))  # loadable with weights_only
+        payload = {"model": self.state_dict(), "semisam_student": self.config.to_dict(), "extra": extra}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
         torch.save(payload, tmp)
@@ -159,7 +176,7 @@ def load_student(path, device: str = "cpu") -> Tuple[SlicingSAM3D, Dict[str, Any
 
     payload = safe_torch_load(path)
     if not isinstance(payload, dict) or "semisam_student" not in payload or "model" not in payload:
-        raise CheckpointError(path, "is not a SemiSAM student checkpoint (no 'semisam_student' config)", "pass a checkpoint written by `semisam train`")
+        raise CheckpointError(path, "is not a SemiSAM student checkpoint (no 'semisam_student' config)", "pass a student checkpoint written by SemiSAM training")
     config = StudentConfig(**payload["semisam_student"])
     model = SlicingSAM3D(config)
     load_strict(model, payload["model"], path, "slicing-sam3d student")
