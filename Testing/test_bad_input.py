@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, blob_label
+from conftest import REPO
 from semisam.cli import main as cli_main
 from semisam.data import load_dataset, validate_dataset
 from semisam.errors import InputError, OutputError

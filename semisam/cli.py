@@ -138,9 +138,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         encoder = fast_encoder(litemedsam_encoder(device=args.device), compile=args.compile)
     else:
         name = student.config.encoder
+        entries = catalogue()
         weights = args.encoder_checkpoint
-        if weights is None and name in catalogue():
-            weights = checkpoint_path(catalogue()[name])  # the models folder
+        if weights is None and name in entries:
+            weights = checkpoint_path(entries[name])  # the models folder
         if weights is None:
             raise SemiSAMError(f"the student was trained on '{name}' embeddings: pass that encoder's weights with --encoder-checkpoint (or put them in {models_folder()})")
         encoder = fast_encoder(sam_encoder(build_sam_vit(weights, args.device, name=name), name), compile=args.compile)

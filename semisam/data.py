@@ -202,7 +202,7 @@ def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Opti
     if not read:
         return problems
     for case in spec.labeled + spec.unlabeled:
-        image = _try(problems, lambda: read_volume(case.image, "image", require_3d=not allow_2d))
+        image = _try(problems, read_volume, case.image, "image", require_3d=not allow_2d)
         if image is not None:
             try:
                 check_not_constant(image, case.image)
@@ -210,7 +210,7 @@ def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Opti
                 problems.append(Problem(str(case.image), exc.problem))
         if case.label is None:
             continue
-        label = _try(problems, lambda: read_volume(case.label, "label"))
+        label = _try(problems, read_volume, case.label, "label")
         if label is None:
             continue
         if image is not None:
@@ -226,9 +226,10 @@ def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Opti
     return problems
 
 
-def _try(problems: List[Problem], fn):
+def _try(problems: List[Problem], fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or None with the InputError recorded as a problem."""
     try:
-        return fn()
+        return fn(*args, **kwargs)
     except InputError as exc:
         problems.append(Problem(exc.path or "?", exc.problem + (f" ({exc.hint})" if exc.hint else "")))
         return None

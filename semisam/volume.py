@@ -234,7 +234,7 @@ def read_volume(
     _, fmt = format_of(path)
     if fmt == DICOM:
         if not path.is_dir():
-            raise InputError(path, f"unknown file type (no extension)", f"use one of: {SUPPORTED}")
+            raise InputError(path, "unknown file type (no extension)", f"use one of: {SUPPORTED}")
         image, meta = _read_dicom_series(path, series_uid)
     else:
         if path.is_dir():

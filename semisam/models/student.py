@@ -11,10 +11,13 @@ MONAI's sliding-window inferer (Gaussian blending), so memory does not grow with
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,12 +152,6 @@ class SlicingSAM3D(nn.Module):
 
     def save(self, path, extra: Optional[Dict[str, Any]] = None) -> None:
         """Save weights + config atomically (loadable with ``weights_only=True``)."""
-        import os
-        import tempfile
-        from pathlib import Path
-
-        import json
-
         def plain(value):  # numpy scalars/arrays -> Python values; anything else is refused
             if hasattr(value, "tolist"):
                 return value.tolist()
