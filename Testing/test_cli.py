@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -60,7 +61,7 @@ def test_phantom_then_validate(tmp_path, capsys):
     assert main(["phantom", "--n", "3", "--out", str(out), "--labeled", "1", "--shape", "16", "20", "20", "--seed", "5", "--quiet"]) == 0
     assert "wrote 3 phantoms (1 labeled, 2 unlabeled)" in capsys.readouterr().out
     doc = json.loads((out / "dataset.json").read_text())
-    assert doc["generator"] == {"seed": 5, "n": 3, "shape": [16, 20, 20], "rf": False}
+    assert doc["generator"] == {"seed": 5, "n": 3, "validation": 0, "shape": [16, 20, 20], "rf": False}
     assert main(["validate", str(out)]) == 0
     assert capsys.readouterr().out.startswith("dataset OK: 1 labeled, 2 unlabeled")
     # the folder layout validates too (without dataset.json)
@@ -96,13 +97,23 @@ def test_validate_2d_dataset_needs_allow_2d(tmp_path, capsys):
     assert main(["validate", str(tmp_path), "--allow-2d"]) == 0
 
 
-def test_demo_writes_its_pictures(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--n", "4", "--labeled", "2", "--shape", "24", "32", "32"]) == 0
+@pytest.mark.slow
+def test_demo_tiny_schedule_runs_the_whole_job(tmp_path, capsys):
+    """The demo's real path (cohort -> three phases -> held-out segmentation), seconds-long schedule."""
+    from semisam.volume import read_volume
+
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--labeled", "2", "--unlabeled", "2", "--validation", "1", "--test", "1", "--schedule", "tiny", "--progress", "none"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    for name in ("phantom_cohort.png", "phantom_preprocessed.png"):
-        png = tmp_path / "demo" / name
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-        assert str(png) in printed
-    assert "label Dice after preprocess -> invert" in printed
-    dices = [float(line.split()[-1]) for line in printed.splitlines() if line.startswith("case_")]
-    assert len(dices) == 2 and min(dices) > 0.9
+    rows = [line.split() for line in printed.splitlines() if line.startswith("test_000")]
+    assert len(rows) == 1 and 0.0 <= float(rows[0][1]) <= 1.0
+    assert "mean" in printed and "demo finished in" in printed
+    png = out / "test_overlays.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    seg = read_volume(out / "segmentations" / "test_000_seg.nii.gz", "label")
+    image = read_volume(out / "segmentations" / "test_000_image.nii.gz")
+    assert seg.shape == image.shape and np.allclose(seg.spacing, image.spacing)
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_epoch"] for r in records] == list(range(1, 6)) and {r["phase"] for r in records} == {0, 1, 2}
+    assert (out / "run" / "best.pt").exists() and (out / "run" / "curves.png").exists()

@@ -61,46 +61,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .demo import run_demo
 
-    from .data import load_dataset, validate_dataset
-    from .figures import save_mid_slices
-    from .phantom import write_cohort
-    from .preprocess import apply_to_label, invert, preprocess
-    from .volume import read_volume
-
-    out = Path(args.out)
-    t0 = time.time()
-    cohort = write_cohort(out / "cohort", args.n, args.labeled, _shape(args.shape), args.seed, overwrite=True)
-    spec = load_dataset(cohort)
-    problems = [p for p in validate_dataset(spec) if p.severity == "error"]
-    if problems:  # our own phantoms must validate; anything else is a bug worth seeing
-        for p in problems:
-            print(p, file=sys.stderr)
-        return 1
-    print(f"cohort: {len(spec.labeled)} labeled + {len(spec.unlabeled)} unlabeled phantoms in {cohort}")
-    shown = spec.labeled[:3]
-    images = [read_volume(c.image) for c in shown]
-    labels = [read_volume(c.label, "label") for c in shown]
-    print("label Dice after preprocess -> invert (below 1 only where the input is finer than 0.5 mm):")
-    print(f"{'case':<10}{'shape (z,y,x)':<16}{'spacing x,y,z (mm)':<22}{'target ml':>10}{'Dice':>8}")
-    pre_images, pre_labels = [], []
-    for case, image, label in zip(shown, images, labels):
-        pre, record = preprocess(image, spec.preprocess_config())
-        pre_label = apply_to_label(record, label)
-        back = invert(record, pre_label.array)
-        a, b = back.array > 0, label.array > 0
-        dice = 2.0 * float((a & b).sum()) / max(int(a.sum() + b.sum()), 1)
-        ml = float(label.array.astype(bool).sum() * np.prod(image.spacing) / 1000.0)
-        spacing = ",".join(f"{s:.2f}" for s in image.spacing)
-        print(f"{case.id:<10}{str(image.shape):<16}{spacing:<22}{ml:>10.2f}{dice:>8.3f}")
-        pre_images.append(pre)
-        pre_labels.append(pre_label)
-    picture = save_mid_slices(images, out / "phantom_cohort.png", labels, [c.id for c in shown])
-    picture_pre = save_mid_slices(pre_images, out / "phantom_preprocessed.png", pre_labels, [f"{c.id} preprocessed" for c in shown])
-    print(f"picture of the cohort: {picture}")
-    print(f"picture after preprocessing (0.5 mm, {pre_images[0].shape}): {picture_pre}")
-    print(f"demo finished in {time.time() - t0:.1f} s")
+    run_demo(Path(args.out), args.labeled, args.unlabeled, args.validation, args.test, args.seed,
+             progress=args.progress, schedule=args.schedule, compile=args.compile)
     return 0
 
 
@@ -168,6 +132,46 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(pairs: Sequence[str]) -> dict:
+    """``--set phases.semi.epochs=3`` -> {"phases.semi.epochs": 3} (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SemiSAMError(f"--set needs KEY=VALUE (e.g. phases.semi.epochs=3), got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_init_config(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, write_config
+
+    cfg = TrainConfig()
+    if args.dataset:
+        cfg.dataset = args.dataset
+    if args.output_dir:
+        cfg.output = args.output_dir
+    path = write_config(args.out, cfg, overwrite=args.force)
+    print(f"wrote {path}: edit 'dataset' (and anything else), then run: semisam train --config {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training import train
+
+    cfg = load_config(args.config, _overrides(args.set))
+    summary = train(cfg, progress=args.progress, resume=args.resume)
+    if args.progress != "json" and int(os.environ.get("RANK", "0")) == 0:
+        dice = summary.get("best_val_dice")
+        shown = f"{dice:.3f}" if isinstance(dice, float) else "n/a (no validation cases)"
+        print(f"training finished: best validation Dice {shown} at epoch {summary.get('best_global_epoch')}; "
+              f"student: {summary['best_checkpoint']} ({summary['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="semisam",
@@ -216,13 +220,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="compile the encoder (about a minute the first time, then ~2x faster per slice)")
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("demo", help="run the main job on the embedded default (for now: a phantom cohort and its picture)",
-                       description="Make a small phantom cohort, preprocess it and write pictures.")
-    p.add_argument("--out", default="demo_output", help="output folder (default demo_output/)")
-    p.add_argument("--n", type=int, default=8, help="number of phantoms (default 8)")
+    p = sub.add_parser("init-config", help="write a commented training config (YAML) with the defaults",
+                       description="Write every training setting with its default and a comment.")
+    p.add_argument("out", help="YAML file to write")
+    p.add_argument("--dataset", default=None, help="fill in the dataset (folder or dataset.json)")
+    p.add_argument("--output-dir", default=None, help="fill in the run folder")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_init_config)
+
+    p = sub.add_parser("train", help="train a student semi-supervised (Semi-SAM+); torchrun-ready",
+                       description="Train the Slicing-SAM3D student in three phases (warm-up, semi-supervised, fine-tune).\n"
+                                   "Several processes: torchrun --nproc_per_node=N -m semisam.cli train --config CFG",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (semisam init-config writes one)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the config's output folder after its last finished epoch")
+    p.add_argument("--progress", default="auto", choices=("auto", "tqdm", "json", "text", "none"),
+                   help="auto: bars on a terminal, else one line per epoch; json: one JSON object per line on stdout")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. --set phases.semi.epochs=3 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default: phantoms -> Semi-SAM+ training -> held-out Dice",
+                       description="Make a phantom cohort, train a student in three phases with the shipped LiteMedSAM\n"
+                                   "(encoder and teacher), segment held-out phantoms, print a Dice table, write overlays.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_output", help="output folder (default demo_output/); the embedding cache there is reused")
     p.add_argument("--labeled", type=int, default=4, help="labeled phantoms (default 4)")
-    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"))
+    p.add_argument("--unlabeled", type=int, default=6, help="unlabeled phantoms (default 6)")
+    p.add_argument("--validation", type=int, default=2, help="validation phantoms (default 2)")
+    p.add_argument("--test", type=int, default=3, help="held-out test phantoms (default 3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="demo", choices=("demo", "tiny"), help="tiny: a seconds-long smoke run")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (faster per slice after ~1 min of compiling)")
+    p.add_argument("--progress", default="auto", choices=("auto", "tqdm", "json", "text", "none"))
     p.set_defaults(func=cmd_demo)
     return parser
 

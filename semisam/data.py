@@ -5,13 +5,15 @@ A dataset is either
 * a folder with ``imagesTr/`` (labeled images), ``labelsTr/`` (their label maps, same case
   ids) and ``imagesUnlabeled/``. A case id is the file name without its extension and
   without an nnU-Net channel suffix (``case_01_0000.nii.gz`` -> ``case_01``). A sub-folder is
-  read as a DICOM series. Or
+  read as a DICOM series. Optional ``imagesVal/`` + ``labelsVal/`` hold validation cases
+  (used to pick the best checkpoint, never to train). Or
 * a ``dataset.json`` (or a folder holding one)::
 
       {"labels": {"0": "background", "1": "target"},
        "image_type": "bmode",            # or "rf": envelope detection runs first
        "training":  [{"id": "a", "image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}],
-       "unlabeled": [{"id": "b", "image": "imagesUnlabeled/b.nii.gz"}, "more/c.nrrd"]}
+       "unlabeled": [{"id": "b", "image": "imagesUnlabeled/b.nii.gz"}, "more/c.nrrd"],
+       "validation": [{"image": "imagesVal/v.nii.gz", "label": "labelsVal/v.nii.gz"}]}   # optional
 
   Paths are relative to the JSON file; ``id`` defaults to the image's case id.
 """
@@ -56,6 +58,7 @@ class DatasetSpec:
     beam_axis: int = 1
     source: str = "folder"
     problems: List["Problem"] = field(default_factory=list)  # found while listing
+    validation: List[Case] = field(default_factory=list)  # labeled cases kept for validation only
 
     @property
     def num_labels(self) -> Optional[int]:
@@ -121,17 +124,25 @@ def _load_folder(root: Path) -> DatasetSpec:
             "is not a dataset: no imagesTr/ or imagesUnlabeled/ with volumes, and no dataset.json",
             "see `semisam validate --help` for the layout",
         )
-    problems = []
-    labeled = []
+    problems: List[Problem] = []
+    labeled = _pair(images, labels, "imagesTr", "labelsTr", problems)
+    validation = _pair(_volume_entries(root / "imagesVal"), {case_id(p): p for p in _volume_entries(root / "labelsVal")}, "imagesVal", "labelsVal", problems)
+    return DatasetSpec(root, labeled, unlabeled, None, "bmode", 1, "folder", problems, validation)
+
+
+def _pair(images: List[Path], labels: Dict[str, Path], image_dir: str, label_dir: str, problems: List[Problem]) -> List[Case]:
+    """Cases of ``images`` with their labels (by case id); every unmatched file is a problem."""
+    labels = dict(labels)
+    cases = []
     for p in images:
         cid = case_id(p)
         label = labels.pop(cid, None)
         if label is None:
-            problems.append(Problem(str(p), f"no label for case '{cid}' in labelsTr/"))
-        labeled.append(Case(cid, p, label))
+            problems.append(Problem(str(p), f"no label for case '{cid}' in {label_dir}/"))
+        cases.append(Case(cid, p, label))
     for cid, p in labels.items():
-        problems.append(Problem(str(p), f"label without an image: no case '{cid}' in imagesTr/"))
-    return DatasetSpec(root, labeled, unlabeled, None, "bmode", 1, "folder", problems)
+        problems.append(Problem(str(p), f"label without an image: no case '{cid}' in {image_dir}/"))
+    return cases
 
 
 def _load_json(path: Path) -> DatasetSpec:
@@ -160,6 +171,7 @@ def _load_json(path: Path) -> DatasetSpec:
 
     labeled = [c for i, it in enumerate(doc.get("training", [])) if (c := entry(it, f"training[{i}]", True))]
     unlabeled = [c for i, it in enumerate(doc.get("unlabeled", []) or []) if (c := entry(it, f"unlabeled[{i}]", False))]
+    validation = [c for i, it in enumerate(doc.get("validation", []) or []) if (c := entry(it, f"validation[{i}]", True))]
     labels = None
     if "labels" in doc:
         try:
@@ -177,7 +189,7 @@ def _load_json(path: Path) -> DatasetSpec:
     if beam_axis not in (0, 1, 2):
         problems.append(Problem(str(path), f"beam_axis must be 0, 1 or 2, got {beam_axis!r}"))
         beam_axis = 1
-    return DatasetSpec(root, labeled, unlabeled, labels, image_type, int(beam_axis), "json", problems)
+    return DatasetSpec(root, labeled, unlabeled, labels, image_type, int(beam_axis), "json", problems, validation)
 
 
 def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Optional[int] = None, read: bool = True) -> List[Problem]:
@@ -192,7 +204,7 @@ def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Opti
     problems = list(spec.problems)
     k = num_labels if num_labels is not None else spec.num_labels
     seen: Dict[str, Path] = {}
-    for case in spec.labeled + spec.unlabeled:
+    for case in spec.labeled + spec.unlabeled + spec.validation:
         if case.id in seen:
             problems.append(Problem(str(case.image), f"duplicate case id '{case.id}' (also {seen[case.id]})"))
         else:
@@ -201,7 +213,7 @@ def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Opti
         problems.append(Problem(str(spec.root), "no labeled cases: training needs at least one"))
     if not read:
         return problems
-    for case in spec.labeled + spec.unlabeled:
+    for case in spec.labeled + spec.unlabeled + spec.validation:
         image = _try(problems, read_volume, case.image, "image", require_3d=not allow_2d)
         if image is not None:
             try:

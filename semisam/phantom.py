@@ -249,12 +249,15 @@ def write_cohort(
     num_labels: int = 1,
     overwrite: bool = False,
     progress=None,
+    validation: int = 0,
 ) -> Path:
     """Write a phantom cohort as a dataset folder and ``dataset.json``.
 
     Layout: ``imagesTr/`` + ``labelsTr/`` (the first ``labeled`` cases), ``imagesUnlabeled/``
     (the rest), and ``referenceUnlabeled/`` holding the unlabeled cases' true labels for
-    evaluating pseudo-labels (never used for training). Images are B-mode, or RF when ``rf``.
+    evaluating pseudo-labels (never used for training). ``validation`` extra labeled cases go
+    to ``imagesVal/`` + ``labelsVal/`` (dataset.json ``validation``). Images are B-mode, or RF
+    when ``rf``.
 
     The cohort is built in a temporary folder beside ``out`` and moved into place at the end,
     so an interrupted run leaves nothing half-written.
@@ -265,20 +268,26 @@ def write_cohort(
     labeled = (max(1, n // 4) if labeled is None else int(labeled))
     if not 0 <= labeled <= n:
         raise ValueError(f"labeled must be between 0 and n={n}, got {labeled}")
+    if validation < 0:
+        raise ValueError(f"validation must be >= 0, got {validation}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise OutputError(out, "exists and is not an empty folder", "choose a new folder or pass --overwrite")
     parent = prepare_output_folder(out.resolve().parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
-        seeds = np.random.SeedSequence(seed).spawn(n)
-        training, unlabeled = [], []
-        for i in range(n):
+        seeds = np.random.SeedSequence(seed).spawn(n + validation)
+        training, unlabeled, val = [], [], []
+        for i in range(n + validation):
             case_id = f"case_{i:03d}"
             case = make_phantom(int(seeds[i].generate_state(1)[0]), shape, num_labels, rf)
             image = case.rf if rf else case.image
             name = f"{case_id}.nii.gz"
-            if i < labeled:
+            if i >= n:
+                write_volume(image, staging / "imagesVal" / name)
+                write_volume(case.label, staging / "labelsVal" / name)
+                val.append({"id": case_id, "image": f"imagesVal/{name}", "label": f"labelsVal/{name}"})
+            elif i < labeled:
                 write_volume(image, staging / "imagesTr" / name)
                 write_volume(case.label, staging / "labelsTr" / name)
                 training.append({"id": case_id, "image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
@@ -287,7 +296,7 @@ def write_cohort(
                 write_volume(case.label, staging / "referenceUnlabeled" / name)
                 unlabeled.append({"id": case_id, "image": f"imagesUnlabeled/{name}", "reference": f"referenceUnlabeled/{name}"})
             if progress is not None:
-                progress(i + 1, n)
+                progress(i + 1, n + validation)
         (staging / "imagesUnlabeled").mkdir(exist_ok=True)
         manifest = {
             "name": "semisam-phantom",
@@ -298,7 +307,8 @@ def write_cohort(
             "labels": label_names(num_labels),
             "training": training,
             "unlabeled": unlabeled,
-            "generator": {"seed": seed, "n": n, "shape": list(shape), "rf": rf},
+            **({"validation": val} if val else {}),
+            "generator": {"seed": seed, "n": n, "validation": validation, "shape": list(shape), "rf": rf},
         }
         (staging / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if out.exists():

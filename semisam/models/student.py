@@ -99,6 +99,12 @@ class SlicingSAM3D(nn.Module):
         self.stem = nn.Sequential(nn.Conv3d(self.config.embed_dim, c[0], kernel_size=1), _block(c[0], c[0]))
         self.stages = nn.ModuleList(_block(cin, cout) for cin, cout in zip(c[:-1], c[1:]))
         self.head = nn.Conv3d(c[-1], self.config.out_channels, kernel_size=1)
+        with torch.no_grad():  # structures are rare: start near a small foreground prior (p = 0.05)
+            if self.config.out_channels == 1:
+                self.head.bias.fill_(-3.0)
+            else:  # background logit ahead of the structures by the same margin
+                self.head.bias.zero_()
+                self.head.bias[0] = 3.0
 
     def forward(self, embeddings: torch.Tensor, out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         if embeddings.ndim != 5 or embeddings.shape[1] != self.config.embed_dim:

@@ -1,0 +1,822 @@
+"""Semi-SAM+ training: three phases over cached slice embeddings, EMA teacher, SAM-family
+pseudo-labels with a variance filter, atomic checkpoints, resume, DistributedDataParallel.
+
+The frozen encoder makes the student cheap to train: every volume is embedded once (slice by
+slice, cached on disk), and each iteration only runs the small 3D decoder on depth blocks of
+those embeddings. The student's strong augmentation therefore acts on embeddings, never on
+voxels (nothing is re-encoded):
+
+* a random depth block of ``D_s`` slices (Algorithm 1's blocks), flipped along depth (exact:
+  the encoder works per slice);
+* in-plane flips and transposes of the embedding grid together with the targets (the decoder
+  is convolutional; this teaches it the symmetry, it does not pretend to be an image flip);
+* feature perturbation: per (channel, slice) multiplicative Gaussian gain and channel dropout
+  on the student's input only; the EMA teacher sees the clean block.
+
+Phases (all numbers from the config):
+
+0. warm-up: labeled blocks only, L_sup;
+1. semi-supervised: labeled + unlabeled blocks 1:1, L_sup + λ(t) L_con + β(t) L_rs-con;
+   pseudo-labels from the SAM teachers (:mod:`semisam.pseudo_labels`), prompted by the
+   student's coarse mask, refreshed every ``pseudo.refresh_every`` epochs;
+2. fine-tune: as phase 1 with the teachers frozen: the last pseudo-labels are kept.
+
+The encoder is frozen in every phase, so "decoder only" (phase 0) holds throughout.
+
+Outputs in ``cfg.output``: ``best.pt`` (EMA weights with the best validation Dice, a student
+checkpoint for ``semisam segment``), ``last.pt`` (everything needed to resume, written
+atomically after every epoch), ``metrics.jsonl``, ``curves.png``, ``config.yaml``,
+``pseudo_labels/`` and ``cache/`` (embeddings).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .config import TrainConfig, write_config
+from .data import Case, DatasetSpec, MixedBatchSampler, load_dataset, validate_dataset
+from .ema import EMATeacher
+from .errors import SemiSAMError
+from .losses import SupervisedLoss, consistency_loss, consistency_weight, pseudo_weight, region_consistency_loss
+from .models.encoders import EmbeddingCache, SliceEncoder, bf16_supported
+from .models.student import SlicingSAM3D, StudentConfig
+from .preprocess import PreprocessConfig, apply_to_label, preprocess
+from .progress import MetricsLog, Progress, plot_curves
+from .volume import read_volume
+
+STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------
+# Distributed helpers
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def gather(self, obj: Any) -> List[Any]:
+        if not self.enabled:
+            return [obj]
+        out: List[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group torchrun set up (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
+    return Dist(rank, world, local)
+
+
+def resolve_device(name: str) -> torch.device:
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SemiSAMError(f"device '{name}' asked for, but no CUDA GPU is usable here; set device: cpu (or auto)")
+        if name == "cuda":
+            name = f"cuda:{local % torch.cuda.device_count()}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One preprocessed case with its slice embeddings."""
+
+    id: str
+    role: str  # "labeled" | "unlabeled" | "validation"
+    image: np.ndarray  # (z, y, x) float32 in [0, 1], the training grid
+    spacing: Tuple[float, float, float]  # (x, y, z) mm of the training grid
+    label: Optional[np.ndarray] = None  # (z, y, x) uint8
+    reference: Optional[np.ndarray] = None  # true label of an unlabeled case (evaluation only)
+    emb: Optional[torch.Tensor] = None  # (z, C, G, G) float16
+
+
+def split_validation(spec: DatasetSpec, fraction: float, seed: int) -> Tuple[List[Case], List[Case]]:
+    """(training, validation) labeled cases: the dataset's own validation list, else a seeded
+    ``fraction`` of the labeled cases (at least one when there are two or more)."""
+    if spec.validation:
+        return list(spec.labeled), list(spec.validation)
+    n = len(spec.labeled)
+    if fraction <= 0 or n < 2:
+        return list(spec.labeled), []
+    k = min(n - 1, max(1, int(round(fraction * n))))
+    order = np.random.default_rng(seed).permutation(n)
+    val = sorted(order[:k].tolist())
+    return [c for i, c in enumerate(spec.labeled) if i not in val], [spec.labeled[i] for i in val]
+
+
+def load_item(case: Case, role: str, config: PreprocessConfig) -> Item:
+    pre, record = preprocess(read_volume(case.image, "image"), config)
+    label = reference = None
+    if case.label is not None and role != "unlabeled":
+        label = apply_to_label(record, read_volume(case.label, "label")).array.astype(np.uint8)
+    if role == "unlabeled" and case.reference is not None and Path(case.reference).exists():
+        reference = apply_to_label(record, read_volume(case.reference, "label")).array.astype(np.uint8)
+    return Item(case.id, role, np.ascontiguousarray(pre.array, dtype=np.float32), tuple(pre.spacing), label, reference)
+
+
+# ------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------
+
+
+def build_encoder(cfg: TrainConfig, device: torch.device):
+    """(fast slice encoder, the full LiteMedSAM net or None) as configured."""
+    from .models.encoders import build_litemedsam, build_sam_vit, fast_encoder, litemedsam_encoder, sam_encoder
+    from .models.registry import catalogue, checkpoint_path
+
+    e = cfg.encoder
+    if e.name == "litemedsam":
+        net = build_litemedsam(e.checkpoint, device=str(device))
+        base = litemedsam_encoder(net)
+    else:
+        weights = e.checkpoint or checkpoint_path(catalogue()[e.name])
+        net = None
+        base = sam_encoder(build_sam_vit(weights, str(device), name=e.name), e.name)
+    return fast_encoder(base, precision=e.precision, compile=e.compile, batch_size=e.batch_size), net
+
+
+def build_teachers(cfg: TrainConfig, encoder: SliceEncoder, litemedsam_net, cache: EmbeddingCache, device: torch.device) -> list:
+    """The configured SAM-family teachers. Slice teachers on the student's encoder share its
+    embeddings (one encoding per slice for everyone)."""
+    from .models.encoders import build_litemedsam, build_sam_vit, fast_encoder, litemedsam_encoder, sam_encoder
+    from .models.registry import build_model, catalogue, checkpoint_path
+
+    teachers = []
+    for t in cfg.pseudo.teachers:
+        if t.name == "litemedsam":
+            from .models.teacher_litemedsam import LiteMedSAMTeacher
+
+            if encoder.name == "litemedsam" and litemedsam_net is not None and not t.checkpoint:
+                teachers.append(LiteMedSAMTeacher(net=litemedsam_net, encoder=encoder, cache=cache, device=str(device)))
+            else:
+                net = build_litemedsam(t.checkpoint, device=str(device))
+                teachers.append(LiteMedSAMTeacher(net=net, encoder=fast_encoder(litemedsam_encoder(net)), cache=cache, device=str(device)))
+        elif t.name in ("medsam-vit-b", "sam-vit-b"):
+            from .models.teacher_sam import SAMTeacher
+
+            weights = t.checkpoint or checkpoint_path(catalogue()[t.name])
+            sam = build_sam_vit(weights, str(device), name=t.name)
+            enc = encoder if encoder.name == t.name and not t.checkpoint and not cfg.encoder.checkpoint else fast_encoder(sam_encoder(sam, t.name))
+            teachers.append(SAMTeacher(sam, encoder=enc, cache=cache, device=str(device), name=t.name))
+        else:
+            teachers.append(build_model(t.name, t.checkpoint, str(device)))
+    return teachers
+
+
+def amp_settings(mode: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
+    """(autocast dtype or None, use a GradScaler). auto: CUDA fp16 + GradScaler (Volta has no
+    bf16); CPU bf16 where the CPU runs it natively (measured ~2x faster for the decoder), else fp32."""
+    if mode == "off":
+        return None, False
+    if mode == "auto":
+        if device.type == "cuda":
+            return torch.float16, True
+        return (torch.bfloat16 if bf16_supported() else None), False
+    if mode == "fp16":
+        return torch.float16, device.type == "cuda"
+    return torch.bfloat16, False
+
+
+# ------------------------------------------------------------------------------------------
+# Augmentation on embeddings
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockGeometry:
+    start: int
+    depth_flip: bool
+    flip_y: bool
+    flip_x: bool
+    transpose: bool
+
+
+def draw_geometry(rng: np.random.Generator, depth: int, block: int, cfg: TrainConfig, square: bool) -> BlockGeometry:
+    a = cfg.augment
+    start = int(rng.integers(0, depth - block + 1))
+    flips = rng.random(4) < 0.5
+    return BlockGeometry(
+        start, bool(a.depth_flip and flips[0]), bool(a.inplane_flip and flips[1]),
+        bool(a.inplane_flip and flips[2]), bool(a.inplane_flip and square and flips[3]),
+    )
+
+
+def apply_geometry(x: torch.Tensor, g: BlockGeometry, block: int, channels_first: bool) -> torch.Tensor:
+    """Crop + flip a (z, C, G, G) embedding stack -> (C, D, G, G), or a (z, H, W) target -> (D, H, W)."""
+    x = x[g.start : g.start + block]
+    if channels_first:
+        x = x.permute(1, 0, 2, 3)
+    off = 1 if channels_first else 0
+    dims = [d for d, on in ((off, g.depth_flip), (off + 1, g.flip_y), (off + 2, g.flip_x)) if on]
+    if dims:
+        x = torch.flip(x, dims)
+    if g.transpose:
+        x = x.transpose(off + 1, off + 2)
+    return x
+
+
+def perturb(x: torch.Tensor, noise: float, dropout: float, gen: torch.Generator) -> torch.Tensor:
+    """Feature perturbation of a (B, C, D, G, G) block: a Gaussian gain per (sample, channel,
+    slice) and channel dropout; one broadcast multiply (cheap next to the decoder)."""
+    b, c, d = x.shape[:3]
+    gain = torch.ones((b, c, d, 1, 1))
+    if noise > 0:
+        gain = gain + noise * torch.randn((b, c, d, 1, 1), generator=gen)
+    if dropout > 0:
+        keep = (torch.rand((b, c, 1, 1, 1), generator=gen) >= dropout).float() / (1.0 - dropout)
+        gain = gain * keep
+    return x * gain.to(x.device, x.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------
+
+
+def dice_hd95(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float], num_labels: int, hd95: bool = True) -> Tuple[float, Optional[float]]:
+    """Mean Dice over structures 1..K and mean HD95 (mm) of label maps, with MONAI's metrics.
+    Dice of an empty prediction against an empty truth is 1; HD95 is None where undefined."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+
+    p = one_hot(torch.as_tensor(pred, dtype=torch.long)[None, None], num_labels + 1)
+    t = one_hot(torch.as_tensor(truth, dtype=torch.long)[None, None], num_labels + 1)
+    dice = compute_dice(p, t, include_background=False, ignore_empty=False)
+    d = float(torch.nanmean(dice))
+    hd = None
+    if hd95 and bool(p[:, 1:].any()) and bool(t[:, 1:].any()):
+        with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal argument
+            warnings.simplefilter("ignore", FutureWarning)
+            h = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=list(spacing_zyx))
+        h = h[torch.isfinite(h)]
+        hd = float(h.mean()) if h.numel() else None
+    return d, hd
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs a configured training (see the module docstring). ``run()`` returns a summary."""
+
+    def __init__(self, cfg: TrainConfig, progress: str = "auto", resume: bool = False, stream=None):
+        self.cfg = cfg
+        self.resume = resume
+        self.progress_mode = progress
+        self.stream = stream
+        self.out = Path(cfg.output)
+        self.device = resolve_device(cfg.device)
+        self.dist = init_distributed(self.device)
+        self.amp_dtype, use_scaler = amp_settings(cfg.optim.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    # -------------------------------------------------------------- set-up
+
+    def _log(self, text: str, level: str = "info") -> None:
+        if self.dist.main and getattr(self, "progress", None) is not None:
+            self.progress.message(text, level)
+
+    def _check_output(self) -> None:
+        last = self.out / "last.pt"
+        if last.exists() and not self.resume:
+            raise SemiSAMError(f"{self.out} already holds a training run (last.pt); pass --resume to continue it, or choose another output folder")
+        if self.out.exists() and not self.out.is_dir():
+            raise SemiSAMError(f"output {self.out} exists and is not a folder")
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        spec = load_dataset(cfg.dataset)
+        errors = [p for p in validate_dataset(spec, read=False) if p.severity == "error"]
+        if errors:
+            raise SemiSAMError(f"dataset {cfg.dataset} is not usable: " + "; ".join(str(p) for p in errors[:5]) + (" ..." if len(errors) > 5 else "") + " (run `semisam validate` for the full list)")
+        self.spec = spec
+        p = cfg.preprocess
+        self.pre_config = spec.preprocess_config(target_spacing=p.target_spacing, target_shape=p.target_shape, crop=p.crop)
+        train, val = split_validation(spec, cfg.data.validation, cfg.seed)
+        labels = spec.labels or {0: "background", 1: "target"}
+        self.num_labels = max(labels) if spec.labels else None
+        t0 = time.time()
+        self.labeled = [load_item(c, "labeled", self.pre_config) for c in train]
+        self.unlabeled = [load_item(c, "unlabeled", self.pre_config) for c in spec.unlabeled]
+        self.validation = [load_item(c, "validation", self.pre_config) for c in val]
+        if self.num_labels is None:  # folder datasets: the highest label value present
+            self.num_labels = max(1, max(int(it.label.max()) for it in self.labeled + self.validation))
+        self.label_names = {int(k): v for k, v in labels.items()} if spec.labels else {0: "background", **{k: f"structure {k}" for k in range(1, self.num_labels + 1)}}
+        self._log(
+            f"data: {len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled, {len(self.validation)} validation case(s), "
+            f"training grid {self.pre_config.target_shape} (z, y, x) at {self.pre_config.target_spacing} mm (x, y, z); {time.time() - t0:.1f} s"
+        )
+
+    def _embed_all(self) -> None:
+        """Embed every case once (each rank a share, written to the shared disk cache)."""
+        cfg = self.cfg
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "cache"
+        self.cache = EmbeddingCache(cache_dir, max_memory_bytes=int(cfg.data.max_memory_gb * (1 << 30)))
+        self.encoder, self.litemedsam_net = build_encoder(cfg, self.device)
+        items = self.labeled + self.unlabeled + self.validation
+        t0 = time.time()
+        for i, it in enumerate(items):
+            if i % self.dist.world == self.dist.rank:
+                it.emb = self.cache.embed(it.image, self.encoder, batch_size=cfg.encoder.batch_size)
+        self.dist.barrier()
+        for it in items:
+            if it.emb is None:
+                it.emb = self.cache.embed(it.image, self.encoder, batch_size=cfg.encoder.batch_size)
+        encoded = self.cache.encoded_slices
+        if encoded:
+            self._log(f"embedded {encoded} slices in {time.time() - t0:.1f} s ({(time.time() - t0) / encoded:.2f} s/slice); cached in {cache_dir}")
+        else:
+            self._log(f"all {sum(it.image.shape[0] for it in items)} slice embeddings found in the cache {cache_dir}")
+
+    def _build_student(self) -> None:
+        cfg = self.cfg
+        s = cfg.student
+        torch.manual_seed(cfg.seed)
+        scfg = StudentConfig(
+            embed_dim=int(self.labeled[0].emb.shape[1]), channels=tuple(s.channels), num_labels=self.num_labels,
+            block_depth=s.block_depth, block_overlap=s.block_overlap, encoder=self.encoder.name, encoder_id=self.encoder.weights_id,
+        )
+        self.student = SlicingSAM3D(scfg).to(self.device)
+        self.ema = EMATeacher(self.student, cfg.loss.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.phases.warmup.lr, weight_decay=cfg.optim.weight_decay)
+        self.model = self.student
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.sup_loss = SupervisedLoss(scfg.out_channels, cfg.loss.dice_weight, cfg.loss.ce_weight)
+
+    # -------------------------------------------------------------- state
+
+    def _state(self, phase: int, epochs_done: int, global_epoch: int, opt_steps: int) -> Dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "student": self.student.state_dict(),
+            "student_config": self.student.config.to_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "phase": phase, "epochs_done": epochs_done, "global_epoch": global_epoch, "opt_steps": opt_steps,
+            "best": dict(self.best), "config": self.cfg.to_dict(), "world_size": self.dist.world,
+        }
+
+    def _save_state(self, state: Dict[str, Any]) -> None:
+        _atomic_torch_save(state, self.out / "last.pt")
+
+    def _load_state(self) -> Optional[Dict[str, Any]]:
+        from .models.checkpoints import safe_torch_load
+
+        path = self.out / "last.pt"
+        if not path.exists():
+            return None
+        state = safe_torch_load(path)
+        if state.get("version") != STATE_VERSION:
+            raise SemiSAMError(f"{path} was written by another SemiSAM version; start a new run in another folder")
+        if state["student_config"] != self.student.config.to_dict():
+            raise SemiSAMError(f"{path} holds a student of another shape ({state['student_config']}); the config changed since: use the run's config.yaml or a new output folder")
+        self.student.load_state_dict(state["student"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.best = dict(state["best"])
+        return state
+
+    def _save_best(self, dice: Optional[float], phase: int, global_epoch: int) -> None:
+        extra = {
+            "preprocess": self.pre_config.to_dict(),
+            "labels": {str(k): v for k, v in self.label_names.items()},
+            "val_dice": dice, "phase": phase, "global_epoch": global_epoch,
+            "dataset": str(self.cfg.dataset), "trained": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        self.ema.model.save(self.out / "best.pt", extra=extra)
+
+    def _plot(self, metrics: MetricsLog) -> None:
+        self._last_plot = time.time()
+        try:
+            plot_curves(metrics.read(), self.out / "curves.png", title=f"SemiSAM training: {self.out.name}")
+        except Exception as exc:  # a picture must never stop training
+            self.progress.message(f"could not draw curves.png: {exc}", "warning")
+
+    # -------------------------------------------------------------- pseudo-labels
+
+    def _coarse(self, item: Item) -> np.ndarray:
+        """The student's coarse label map on a whole volume (blockwise, Algorithm 1)."""
+        emb = item.emb.float().permute(1, 0, 2, 3)
+        probs = self.student.infer(emb, item.image.shape[1:], self.device)
+        self.student.train()
+        return probs_to_label(probs)
+
+    def _refresh_pseudo(self, t_epoch: int, force: bool) -> Optional[Dict[str, Any]]:
+        """Recompute due pseudo-labels (each rank a share, results gathered by everyone)."""
+        from .pseudo_labels import PseudoLabeler
+
+        if not self.unlabeled:
+            return None
+        every = self.cfg.pseudo.refresh_every
+        due = [i for i, it in enumerate(self.unlabeled) if force or it.id not in self.pseudo or self.store.due(f"{it.id}:1", t_epoch, every)]
+        if not due:
+            return None
+        if self.teachers is None:
+            self.teachers = build_teachers(self.cfg, self.encoder, self.litemedsam_net, self.cache, self.device)
+            self.labeler = PseudoLabeler(
+                self.teachers, n_views=self.cfg.pseudo.views, u_th=self.cfg.pseudo.u_th, points=self.cfg.pseudo.points,
+                inplane=self.cfg.pseudo.inplane_views, seed=self.cfg.seed,
+            )
+        t0 = time.time()
+        mine = {}
+        for n, i in enumerate(due):
+            if n % self.dist.world != self.dist.rank:
+                continue
+            it = self.unlabeled[i]
+            coarse = self._coarse(it)
+            per_label = []
+            for k in range(1, self.num_labels + 1):
+                pl = self.labeler(it.image, coarse == k, key=f"{it.id}:{k}")
+                per_label.append(pl)
+            mine[it.id] = per_label
+        results: Dict[str, list] = {}
+        for part in self.dist.gather(mine):
+            results.update(part)
+        stats = []
+        for cid, per_label in results.items():
+            self.pseudo[cid] = per_label
+            if self.dist.main:
+                for k, pl in enumerate(per_label, start=1):
+                    self.store.put(f"{cid}:{k}", pl, t_epoch)
+        for it in self.unlabeled:
+            if it.id in results:
+                stats.append(self._pseudo_stats(it, results[it.id]))
+        return {
+            "refreshed": len(results), "seconds": round(time.time() - t0, 1),
+            "empty": sum(s["empty"] for s in stats),
+            "confident_fraction": _mean([s["confident_fraction"] for s in stats]),
+            "dice_vs_reference": _mean([s["dice"] for s in stats if s["dice"] is not None]),
+        }
+
+    def _pseudo_stats(self, it: Item, per_label: list) -> Dict[str, Any]:
+        empty = sum(pl is None for pl in per_label)
+        conf = [float(pl.confidence.mean()) for pl in per_label if pl is not None]
+        dice = None
+        if it.reference is not None:
+            pred = np.zeros(it.image.shape, np.uint8)
+            for k, pl in enumerate(per_label, start=1):
+                if pl is not None:
+                    pred[(pl.mean > 0.5)] = k
+            dice = dice_hd95(pred, it.reference, self._spacing_zyx(it), self.num_labels, hd95=False)[0]
+        return {"empty": empty, "confident_fraction": _mean(conf), "dice": dice}
+
+    def _load_stored_pseudo(self) -> None:
+        for it in self.unlabeled:
+            try:
+                self.pseudo[it.id] = [self.store.get(f"{it.id}:{k}")[0] for k in range(1, self.num_labels + 1)]
+            except KeyError:
+                continue
+
+    # -------------------------------------------------------------- training
+
+    def _targets(self, item: Item) -> Dict[str, torch.Tensor]:
+        """Per-case target tensors on the training grid (cached)."""
+        cache = self._target_cache.get(item.id)
+        if cache is not None and cache.get("pseudo_epoch") == self._pseudo_version.get(item.id):
+            return cache
+        out: Dict[str, torch.Tensor] = {"pseudo_epoch": self._pseudo_version.get(item.id)}  # type: ignore[dict-item]
+        if item.label is not None:
+            out["label"] = torch.from_numpy(item.label)
+        per_label = self.pseudo.get(item.id)
+        if per_label is not None and any(pl is not None for pl in per_label):
+            shape = (len(per_label), *item.image.shape)
+            prob, conf = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            for k, pl in enumerate(per_label):
+                if pl is not None:
+                    prob[k], conf[k] = pl.probability, pl.confidence
+            out["pseudo"], out["conf"] = torch.from_numpy(prob), torch.from_numpy(conf)
+        self._target_cache[item.id] = out
+        return out
+
+    def _run_epoch(self, phase: int, epoch: int, global_epoch: int, steps: int, lr0: float, opt_steps: int, total_opt_steps: int, semi_start: int) -> Tuple[Dict[str, float], int, float, float]:
+        cfg = self.cfg
+        items = self.labeled + (self.unlabeled if phase > 0 else [])
+        n_u = len(self.unlabeled) if phase > 0 else 0
+        sampler = MixedBatchSampler(len(self.labeled), n_u, cfg.data.batch_size, cfg.data.labeled_fraction, cfg.seed, self.dist.rank, self.dist.world)
+        sampler.set_epoch(global_epoch)
+        rng = np.random.default_rng([cfg.seed, global_epoch, self.dist.rank])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        block = min(cfg.student.block_depth, self.labeled[0].image.shape[0])
+        out_size = tuple(self.labeled[0].image.shape[1:])
+        g = int(self.labeled[0].emb.shape[-1])
+        square = out_size[0] == out_size[1] and True
+        accum = cfg.optim.grad_accumulation
+        sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        lam = beta = 0.0
+        self.student.train()
+        batches = list(sampler)
+        for step, batch in enumerate(batches):
+            self._seen.append((global_epoch, [items[idx].id for idx in batch]))
+            t_semi = (global_epoch - 1 - semi_start) + step / max(len(batches), 1)  # epochs since phase 1 began
+            lam = consistency_weight(t_semi, cfg.loss.lambda_max, cfg.loss.ramp_up) if phase > 0 else 0.0
+            beta = pseudo_weight(t_semi, cfg.loss.beta_max, cfg.loss.ramp_down) if phase > 0 else 0.0
+            xs, labels, pseudo, conf, is_lab, has_pseudo = [], [], [], [], [], []
+            for idx in batch:
+                it = items[idx]
+                geo = draw_geometry(rng, it.image.shape[0], block, cfg, square and g == it.emb.shape[-2])
+                xs.append(apply_geometry(it.emb, geo, block, True).float())
+                tg = self._targets(it)
+                lab = it.role == "labeled"
+                is_lab.append(lab)
+                labels.append(apply_geometry(tg["label"], geo, block, False) if lab else torch.zeros((block, *out_size), dtype=torch.uint8))
+                hp = (not lab) and "pseudo" in tg
+                has_pseudo.append(hp)
+                k = self.student.config.num_labels
+                pseudo.append(torch.stack([apply_geometry(p, geo, block, False) for p in tg["pseudo"]]) if hp else torch.zeros((k, block, *out_size)))
+                conf.append(torch.stack([apply_geometry(c, geo, block, False) for c in tg["conf"]]) if hp else torch.zeros((k, block, *out_size)))
+            x = torch.stack(xs).to(self.device)
+            x_s = perturb(x, cfg.augment.feature_noise, cfg.augment.feature_dropout, gen)
+            micro = step % accum
+            last_micro = micro == accum - 1 or step == len(batches) - 1
+            sync = self.model.no_sync() if (self.dist.enabled and not last_micro) else _nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                    logits = self.model(x_s, out_size)
+                logits = logits.float()
+                probs = self.student.probabilities(logits)
+                lab_mask = torch.tensor(is_lab)
+                terms: Dict[str, torch.Tensor] = {}
+                if lab_mask.any():
+                    y = torch.stack(labels)[:, None].to(self.device)
+                    terms["sup"] = self.sup_loss(logits[lab_mask.to(self.device)], y[lab_mask.to(self.device)])
+                if phase > 0 and cfg.loss.lambda_max > 0:
+                    with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                        p_t = self.student.probabilities(self.ema.model(x, out_size).float())
+                    terms["con"] = consistency_loss(probs, p_t)
+                if phase > 0:
+                    hp = torch.tensor(has_pseudo)
+                    if hp.any():
+                        fg = _structure_probs(probs)[hp.to(self.device)]
+                        rs = region_consistency_loss(fg, torch.stack(pseudo)[hp].to(self.device), torch.stack(conf)[hp].to(self.device))
+                        if rs is not None:
+                            terms["rs_con"] = rs
+                zero = logits.sum() * 0.0  # keeps every parameter in the graph (DDP)
+                total = terms.get("sup", zero) + lam * terms.get("con", zero) + beta * terms.get("rs_con", zero)
+                loss = total / accum
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            if last_micro:
+                lr = lr0 * (1.0 - min(opt_steps, total_opt_steps - 1) / max(total_opt_steps, 1)) ** cfg.optim.poly_power
+                for grp in self.optimizer.param_groups:
+                    grp["lr"] = lr
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.ema.update(self.student)
+                opt_steps += 1
+            values = {"total": float(total.detach())}
+            values.update({k: float(v.detach()) for k, v in terms.items()})
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+            if self.dist.main:
+                self.progress.step(phase, epoch, step, values, lam, beta, self.optimizer.param_groups[0]["lr"])
+        means = {k: sums[k] / counts[k] for k in sums}
+        if self.dist.enabled:  # average the epoch's loss terms over ranks (for the log)
+            keys = sorted(set().union(*[set(m) for m in self.dist.gather(means)]))
+            t = torch.tensor([means.get(k, float("nan")) for k in keys], dtype=torch.float64)
+            parts = self.dist.gather(t)
+            stacked = torch.stack(parts)
+            means = {k: float(torch.nanmean(stacked[:, i])) for i, k in enumerate(keys)}
+        return means, opt_steps, lam, beta
+
+    def _validate(self) -> Tuple[Optional[float], Optional[float]]:
+        if not self.validation:
+            return None, None
+        dices, hds = [], []
+        for it in self.validation:
+            probs = self.ema.model.infer(it.emb.float().permute(1, 0, 2, 3), it.image.shape[1:], self.device)
+            d, h = dice_hd95(probs_to_label(probs), it.label, self._spacing_zyx(it), self.num_labels, self.cfg.validation.hd95)
+            dices.append(d)
+            if h is not None:
+                hds.append(h)
+        return float(np.mean(dices)), (float(np.mean(hds)) if hds else None)
+
+    @staticmethod
+    def _spacing_zyx(it: Item) -> Tuple[float, float, float]:
+        return tuple(float(s) for s in it.spacing[::-1])
+
+    def steps_per_epoch(self, phase: int) -> int:
+        n_u = len(self.unlabeled) if phase > 0 else 0
+        return len(MixedBatchSampler(len(self.labeled), n_u, self.cfg.data.batch_size, self.cfg.data.labeled_fraction, self.cfg.seed, self.dist.rank, self.dist.world))
+
+    def run(self) -> Dict[str, Any]:
+        self._check_output()
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
+        self.progress = Progress(self.progress_mode if self.dist.main else "none", stream=self.stream)
+        with self.progress:  # an exception escaping set-up or training ends with a "failed" line
+            self._load_data()
+            if not self.labeled:
+                raise SemiSAMError("no labeled training cases (all went to validation?): add labeled cases or set data.validation: 0")
+            self._embed_all()
+            self._build_student()
+            self.best: Dict[str, Any] = {"dice": None, "global_epoch": 0}
+            self.teachers = None
+            self.pseudo: Dict[str, list] = {}
+            self._pseudo_version: Dict[str, int] = {}
+            self._target_cache: Dict[str, Dict[str, torch.Tensor]] = {}
+            self._seen: List[Tuple[int, List[str]]] = []  # (global epoch, case ids) per batch, this process
+            from .pseudo_labels import PseudoLabelStore
+
+            self.store = PseudoLabelStore(self.out / "pseudo_labels")
+            state = self._load_state() if self.resume else None
+            if self.resume and state is None:
+                self._log(f"nothing to resume in {self.out} (no last.pt): starting from the beginning", "warning")
+            self.progress.set_plan([(p, name, ph.epochs, self.steps_per_epoch(p)) for p, name, ph in self.cfg.phase_list()])
+            return self._train(state)
+
+    def _train(self, state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        cfg = self.cfg
+        metrics = MetricsLog(self.out / "metrics.jsonl")
+        start_phase, start_epoch, global_epoch, opt_steps = 0, 0, 0, 0
+        if state is not None:
+            start_phase, start_epoch, global_epoch, opt_steps = state["phase"], state["epochs_done"], state["global_epoch"], state["opt_steps"]
+            if self.dist.main:
+                dropped = metrics.truncate(lambda r: int(r.get("global_epoch", 0)) <= global_epoch)
+                self._log_later = f"resumed after epoch {global_epoch} (phase {start_phase}, {start_epoch} epoch(s) done); dropped {dropped} record(s) of the unfinished epoch"
+            self._load_stored_pseudo()
+        elif self.dist.main:
+            metrics.truncate(lambda r: False)
+            write_config(self.out / "config.yaml", cfg, overwrite=True)
+        semi_start = sum(ph.epochs for _, _, ph in cfg.phase_list()[:1])
+        self._last_plot = 0.0
+        t_start = time.time()
+        if self.dist.main:
+            self.progress.start(output=str(self.out), world_size=self.dist.world, device=str(self.device), resumed=state is not None)
+            if getattr(self, "_log_later", None):
+                self.progress.message(self._log_later)
+        for phase, _name, ph in cfg.phase_list():
+            if phase < start_phase or ph.epochs == 0:
+                continue
+            first = start_epoch if phase == start_phase else 0
+            if first >= ph.epochs:
+                continue
+            if phase != start_phase:
+                opt_steps = 0  # optimizer steps count within a phase (poly schedule)
+            if self.dist.main:
+                self.progress.phase_start(phase, first)
+            steps = self.steps_per_epoch(phase)
+            total_opt = ph.epochs * math.ceil(steps / cfg.optim.grad_accumulation)
+            for epoch in range(first, ph.epochs):
+                t0 = time.time()
+                global_epoch += 1
+                pseudo_info = None
+                if phase >= 1 and self.unlabeled and self.cfg.pseudo.teachers and self.cfg.loss.beta_max > 0:
+                    t_epoch = global_epoch - 1 - semi_start
+                    if phase == 1:
+                        pseudo_info = self._refresh_pseudo(t_epoch, force=False)
+                    elif not self.pseudo:  # phase 2 without a phase 1: compute them once
+                        pseudo_info = self._refresh_pseudo(t_epoch, force=True)
+                    if pseudo_info:
+                        for cid in self.pseudo:
+                            self._pseudo_version[cid] = global_epoch
+                losses, opt_steps, lam, beta = self._run_epoch(phase, epoch, global_epoch, steps, ph.lr, opt_steps, total_opt, semi_start)
+                record: Dict[str, Any] = {"phase": phase, "epoch": epoch, "global_epoch": global_epoch, "losses": losses,
+                                          "lambda": lam, "beta": beta, "lr": self.optimizer.param_groups[0]["lr"]}
+                if pseudo_info:
+                    record["pseudo"] = pseudo_info
+                if self.dist.main:
+                    validate = (epoch + 1) % cfg.validation.every == 0 or epoch == ph.epochs - 1
+                    if validate:
+                        dice, hd = self._validate()
+                        record["val_dice"], record["val_hd95"] = dice, hd
+                        better = dice is None or self.best["dice"] is None or dice > self.best["dice"]
+                        if better:
+                            self.best = {"dice": dice, "global_epoch": global_epoch, "phase": phase}
+                            self._save_best(dice, phase, global_epoch)
+                    record["time_s"] = round(time.time() - t0, 2)
+                    record = self.progress.epoch(record)
+                    metrics.append(record)
+                    self._save_state(self._state(phase, epoch + 1, global_epoch, opt_steps))
+                    if epoch == ph.epochs - 1 or time.time() - self._last_plot > 30.0:  # drawing costs ~0.5 s
+                        self._plot(metrics)
+                self.dist.barrier()
+            if self.dist.main:
+                self.progress.phase_end(phase)
+        summary = {
+            "best_checkpoint": str(self.out / "best.pt"), "best_val_dice": self.best.get("dice"),
+            "best_global_epoch": self.best.get("global_epoch"), "epochs": global_epoch,
+            "seconds": round(time.time() - t_start, 1), "output": str(self.out),
+        }
+        if self.dist.main:
+            if not (self.out / "best.pt").exists():
+                self._save_best(None, start_phase, global_epoch)
+            self.progress.final("finished", **summary)
+        dump = os.environ.get("SEMISAM_DEBUG_DUMP")
+        if dump:  # for tests: what this process saw and the weights it ended with
+            _atomic_torch_save({"student": self.student.state_dict(), "ema": self.ema.model.state_dict(), "seen": self._seen},
+                               Path(dump) / f"rank{self.dist.rank}.pt")
+        self.dist.barrier()
+        return summary
+
+
+# ------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------
+
+
+def probs_to_label(probs: torch.Tensor) -> np.ndarray:
+    """(K', D, H, W) probabilities -> uint8 label map (threshold 0.5 for one structure, argmax else)."""
+    if probs.shape[0] == 1:
+        return (probs[0] > 0.5).numpy().astype(np.uint8)
+    return probs.argmax(0).numpy().astype(np.uint8)
+
+
+def _structure_probs(probs: torch.Tensor) -> torch.Tensor:
+    """(B, K', ...) -> per-structure foreground probabilities (B, K, ...)."""
+    return probs if probs.shape[1] == 1 else probs[:, 1:]
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train(cfg: TrainConfig, progress: str = "auto", resume: bool = False, stream=None) -> Dict[str, Any]:
+    """Run a training as configured (see :class:`Trainer`)."""
+    return Trainer(cfg, progress, resume, stream).run()
