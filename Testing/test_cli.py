@@ -103,7 +103,7 @@ def test_demo_tiny_schedule_runs_the_whole_job(tmp_path, capsys):
     from semisam.volume import read_volume
 
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--labeled", "2", "--unlabeled", "2", "--validation", "1", "--test", "1", "--schedule", "tiny", "--progress", "none"]
+    args = ["demo", "--out", str(out), "--labeled", "2", "--unlabeled", "2", "--validation", "1", "--test", "1", "--schedule", "tiny", "--progress", "none", "--no-compile"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     rows = [line.split() for line in printed.splitlines() if line.startswith("test_000")]

@@ -423,3 +423,26 @@ def test_store_memory_bound_reloads_from_disk(tmp_path):
     memory_only = PseudoLabelStore(None)
     memory_only.put("x", labels[1], 2)
     assert memory_only.get("x") == (labels[1], 2)
+
+
+def test_as_stored_equals_a_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    mean = rng.random((4, 6, 6)).astype(np.float32)
+    pl = PseudoLabel.from_statistics(mean, rng.random((4, 6, 6)).astype(np.float32) * 0.2, 0.1, 4, 10)
+    stored = pl.as_stored()
+    loaded = PseudoLabel.load(pl.save(tmp_path / "p.npz"))
+    for name in ("probability", "confidence", "variance", "mean"):
+        assert np.array_equal(getattr(stored, name), getattr(loaded, name)), name
+
+
+def test_slice_boxes_jitter_the_masks_boxes():
+    from semisam.pseudo_labels import slice_boxes
+
+    mask = np.zeros((6, 40, 40), bool)
+    mask[1:4, 10:30, 5:25] = True
+    boxes = slice_boxes(mask, np.random.default_rng(0), jitter=0.1).boxes2d
+    assert boxes[:, 0].tolist() == [1, 2, 3]
+    true = np.array([10, 5, 29, 24], np.float32)
+    assert np.all(np.abs(boxes[:, 1:] - true) <= 0.1 * 20 + 1e-4) and np.any(boxes[:, 1:] != true)
+    assert np.all(boxes[:, 1:3] <= boxes[:, 3:5]) and boxes.min() >= 0 and boxes[:, 3:].max() <= 39
+    assert np.array_equal(slice_boxes(mask, np.random.default_rng(0), jitter=0.0).boxes2d[:, 1:], np.tile(true, (3, 1)))

@@ -57,7 +57,8 @@ def test_config_errors_name_every_key():
 
 
 def test_load_config_resolves_paths_and_applies_overrides(tmp_path):
-    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data").mkdir(parents=True)
+    (tmp_path / "sub" / "data" / "ds.json").write_text("{}")
     cfg_path = tmp_path / "sub" / "c.yaml"
     cfg_path.write_text("dataset: data/ds.json\noutput: runs/a\nphases: {semi: {epochs: 7}}\n")
     cfg = load_config(cfg_path, {"phases.warmup.epochs": 3, "data.cache_dir": "cache"})
@@ -70,9 +71,13 @@ def test_load_config_resolves_paths_and_applies_overrides(tmp_path):
         load_config(cfg_path)
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "missing.yaml")
+    cfg_path.write_text("dataset: nowhere\n")
+    with pytest.raises(ConfigError, match="dataset: .*nowhere does not exist"):
+        load_config(cfg_path)
 
 
 def test_write_config_refuses_to_overwrite(tmp_path):
+    (tmp_path / "x").mkdir()
     p = write_config(tmp_path / "c.yaml", TrainConfig(dataset="x"))
     assert load_config(p).phases.semi.epochs == 100
     with pytest.raises(SemiSAMError, match="exists"):

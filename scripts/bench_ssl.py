@@ -109,20 +109,22 @@ def main(argv=None) -> int:
     ap.add_argument("--test", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--schedule", default="demo", choices=("demo", "tiny"))
-    ap.add_argument("--compile", action="store_true", help="compile the encoder")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the encoder")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one); its cache/ is reused")
+    ap.add_argument("--cache-dir", default=None, help="embedding cache (default: <out>/cache); e.g. the demo's, same phantoms")
     ap.add_argument("--progress", default="text", choices=("text", "none", "tqdm"))
     args = ap.parse_args(argv)
     work = Path(args.out or tempfile.mkdtemp(prefix="semisam-bench-ssl-"))
+    cache = Path(args.cache_dir) if args.cache_dir else work / "cache"
     t0 = time.time()
     if args.dataset == "phantom":
         cohort = write_cohort(work / "cohort", args.labeled + args.unlabeled, args.labeled, seed=args.seed, overwrite=True, validation=args.validation)
         tests = make_test_cases(args.test, args.seed)
-        cfg = demo_config(cohort, work / "semi", work / "cache", args.seed, args.schedule)
+        cfg = demo_config(cohort, work / "semi", cache, args.seed, args.schedule)
         name = "phantom"
     else:
         cohort, tests = promise12_cohort(Path(args.dataset), work / "cohort", args.labeled, args.unlabeled, args.validation, args.test, args.seed)
-        cfg = demo_config(cohort, work / "semi", work / "cache", args.seed, args.schedule)
+        cfg = demo_config(cohort, work / "semi", cache, args.seed, args.schedule)
         cfg.preprocess.target_spacing = (1.0, 1.0, 3.0)  # the volumes' own grid: no resampling
         cfg.preprocess.target_shape = (32, 128, 128)
         cfg.preprocess.crop = "center"

@@ -162,7 +162,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .training import train
 
-    cfg = load_config(args.config, _overrides(args.set))
+    try:
+        cfg = load_config(args.config, _overrides(args.set))
+    except SemiSAMError as exc:
+        if args.progress == "json":  # a reader of the JSON stream learns the outcome there too
+            import json
+
+            print(json.dumps({"type": "final", "status": "failed", "error": str(exc), "error_type": type(exc).__name__}), flush=True)
+        raise
     summary = train(cfg, progress=args.progress, resume=args.resume)
     if args.progress != "json" and int(os.environ.get("RANK", "0")) == 0:
         dice = summary.get("best_val_dice")
@@ -244,13 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(encoder and teacher), segment held-out phantoms, print a Dice table, write overlays.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_output", help="output folder (default demo_output/); the embedding cache there is reused")
-    p.add_argument("--labeled", type=int, default=4, help="labeled phantoms (default 4)")
+    p.add_argument("--labeled", type=int, default=8, help="labeled phantoms (default 8)")
     p.add_argument("--unlabeled", type=int, default=6, help="unlabeled phantoms (default 6)")
     p.add_argument("--validation", type=int, default=2, help="validation phantoms (default 2)")
     p.add_argument("--test", type=int, default=3, help="held-out test phantoms (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", default="demo", choices=("demo", "tiny"), help="tiny: a seconds-long smoke run")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (faster per slice after ~1 min of compiling)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="do not torch.compile the encoder (compiling takes ~1 min once per machine, then halves the time per slice)")
     p.add_argument("--progress", default="auto", choices=("auto", "tqdm", "json", "text", "none"))
     p.set_defaults(func=cmd_demo)
     return parser

@@ -54,6 +54,7 @@ class StudentSection:
     channels: Tuple[int, ...] = (64, 32, 16)  # decoder widths; each stage after the first upsamples x2 in-plane
     block_depth: int = 16  # D_s: slices per training block and per inference block
     block_overlap: float = 0.5  # overlap of inference blocks (fraction of D_s)
+    context: int = 0  # dilated in-plane blocks after the stem (dilation 2, 4, ...: a wider field of view)
 
 
 @dataclass
@@ -232,6 +233,11 @@ def _convert(tp, value: Any, key: str, problems: List[str]):
             return _BAD
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: must be a number, got {value!r}")
             return _BAD
@@ -264,6 +270,7 @@ def _check(cfg: TrainConfig, problems: List[str]) -> None:
     need(len(s.channels) >= 1 and all(c >= 1 for c in s.channels), "student.channels", "needs one or more positive widths", list(s.channels))
     need(s.block_depth >= 1, "student.block_depth", "must be >= 1", s.block_depth)
     need(0 <= s.block_overlap < 1, "student.block_overlap", "must be in [0, 1)", s.block_overlap)
+    need(s.context >= 0, "student.context", "must be >= 0", s.context)
     d = cfg.data
     need(d.batch_size >= 1, "data.batch_size", "must be >= 1", d.batch_size)
     need(0 < d.labeled_fraction <= 1, "data.labeled_fraction", "must be in (0, 1]", d.labeled_fraction)
@@ -337,6 +344,8 @@ def load_config(path: os.PathLike | str, overrides: Optional[Dict[str, Any]] = N
         return None if p is None else str((base / os.path.expanduser(p)).resolve()) if not os.path.isabs(os.path.expanduser(p)) else os.path.expanduser(p)
 
     cfg.dataset = rel(cfg.dataset)
+    if not Path(cfg.dataset).exists():
+        raise ConfigError([f"dataset: {cfg.dataset} does not exist (give a dataset folder or dataset.json)"], str(path))
     cfg.output = rel(cfg.output)
     cfg.data.cache_dir = rel(cfg.data.cache_dir)
     cfg.encoder.checkpoint = rel(cfg.encoder.checkpoint)

@@ -36,13 +36,13 @@ def demo_config(dataset: Path, output: Path, cache_dir: Path, seed: int = 0, sch
     cfg.student.channels = (32, 16)
     cfg.student.block_depth = 16
     cfg.data.cache_dir = str(cache_dir)
-    cfg.pseudo.refresh_every = 5
+    cfg.pseudo.refresh_every = 10
     cfg.loss.ramp_up = 5.0
     cfg.loss.ramp_down = 20.0
-    cfg.phases.warmup.epochs, cfg.phases.warmup.lr = 40, 5e-3
-    cfg.phases.semi.epochs, cfg.phases.semi.lr = 30, 3e-3
+    cfg.phases.warmup.epochs, cfg.phases.warmup.lr = 80, 5e-3  # 8 labeled cases = 4 steps per epoch
+    cfg.phases.semi.epochs, cfg.phases.semi.lr = 20, 3e-3
     cfg.phases.finetune.epochs, cfg.phases.finetune.lr = 10, 1e-3
-    cfg.validation.every = 2
+    cfg.validation.every = 5
     if schedule == "tiny":
         cfg.preprocess.target_spacing = (1.5, 1.5, 4.0)
         cfg.preprocess.target_shape = (8, 32, 32)
@@ -79,7 +79,7 @@ def evaluate(student, encoder, cache, config, cases: Sequence[TestCase], device:
     return rows
 
 
-def run_demo(out: Path, n_labeled: int = 4, n_unlabeled: int = 6, n_val: int = 2, n_test: int = 3, seed: int = 0,
+def run_demo(out: Path, n_labeled: int = 8, n_unlabeled: int = 6, n_val: int = 2, n_test: int = 3, seed: int = 0,
              progress: str = "auto", schedule: str = "demo", compile: bool = False) -> Dict[str, Any]:
     from .figures import save_mid_slices
     from .models.student import load_student

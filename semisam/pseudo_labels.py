@@ -24,9 +24,10 @@ MedSAM ViT-B) decode, and embed, only the slices that carry a prompt; other slic
 
 * ``LiteMedSAMTeacher`` (box-trained, ``boxes_from_clicks``, no dense mask input):
   A -> on every slice the mask touches, the mask's bounding box on that slice (grown by the
-  teacher's ``box_margin``, 6 px of its 256 frame); B -> one positive click per mask slice;
-  the teacher turns each click into a box of +-``click_box_fraction`` (15 %) of the slice
-  around it and passes the click to the prompt encoder too.
+  teacher's ``box_margin``, 6 px of its 256 frame); B -> "boxes for box-trained teachers"
+  (the issue's wording): the same per-slice boxes with every side jittered by up to 10 % of
+  the box (:func:`slice_boxes`). A click turned into a box was measured far worse on the
+  phantoms' training grid (Dice 0.12-0.53 against 0.31-0.64 for the mask's boxes).
 * ``SAMTeacher`` (MedSAM / SAM ViT-B): A -> the per-slice bounding box of the mask plus the
   slice's mask as SAM's dense low-resolution logit input; B -> one positive click per mask
   slice, used as a click (no box is invented).
@@ -91,6 +92,7 @@ __all__ = [
     "ViewTransform",
     "view_group",
     "draw_views",
+    "slice_boxes",
     "slice_points",
     "volume_points",
     "is_slice_teacher",
@@ -312,6 +314,24 @@ def slice_points(mask: np.ndarray, rng: np.random.Generator) -> Prompts:
     return Prompts(points=np.asarray(points, np.float32).reshape(-1, 3), point_labels=np.ones(len(points), np.int64))
 
 
+def slice_boxes(mask: np.ndarray, rng: np.random.Generator, jitter: float = 0.1) -> Prompts:
+    """The mask's bounding box on every slice it touches, each side moved by up to ``jitter``
+    of the box's size (uniform, independently): prompt set B for box-trained teachers, whose
+    lone clicks are poor prompts (LiteMedSAM: Dice 0.55 from a click on HC18, 0.94 from a box)."""
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape[1:]
+    boxes = []
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        ys, xs = np.nonzero(mask[z])
+        y0, x0, y1, x1 = float(ys.min()), float(xs.min()), float(ys.max()), float(xs.max())
+        dy, dx = (y1 - y0 + 1) * jitter, (x1 - x0 + 1) * jitter
+        j = rng.uniform(-1.0, 1.0, 4)
+        y0, y1 = np.clip([y0 + j[0] * dy, y1 + j[1] * dy], 0, h - 1)
+        x0, x1 = np.clip([x0 + j[2] * dx, x1 + j[3] * dx], 0, w - 1)
+        boxes.append((z, min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1)))
+    return Prompts(boxes2d=np.asarray(boxes, np.float32).reshape(-1, 5))
+
+
 def volume_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> Prompts:
     """``n`` distinct positive points among the interior voxels of the 3D mask (fewer when it
     has fewer interior voxels)."""
@@ -412,6 +432,14 @@ class PseudoLabel:
         return out
 
     # -- storage -------------------------------------------------------------------------
+    def as_stored(self) -> "PseudoLabel":
+        """This pseudo-label exactly as :meth:`save` + :meth:`load` give it back (float16 mean
+        and variance): training uses this form, so a resumed run trains on the same numbers."""
+        mean = self.mean.astype(np.float16).astype(np.float32)
+        variance = self.variance.astype(np.float16).astype(np.float32)
+        return type(self)(mean * self.confidence, self.confidence.copy(), variance, mean, self.n_predictions,
+                          self.coarse_voxels, self.u_th, dict(self.info))
+
     def save(self, path: Union[str, os.PathLike], metadata: Optional[Dict[str, Any]] = None) -> Path:
         """Write a compressed ``.npz`` atomically (temporary file + ``os.replace``): mean and
         variance as float16, the confidence as packed bits; the probability is rebuilt from
@@ -579,10 +607,13 @@ class PseudoLabeler:
             for ti, teacher in enumerate(self.teachers):
                 tic = time.perf_counter()
                 per_slice = is_slice_teacher(teacher)
-                kind = "slice" if per_slice else "volume"
+                box_trained = per_slice and bool(getattr(teacher, "boxes_from_clicks", False))
+                kind = "slice-box" if box_trained else "slice" if per_slice else "volume"
                 if kind not in sets_b:  # drawn in the in-plane frame, for every teacher of the kind alike
-                    rng = np.random.default_rng(base + [j, 0 if per_slice else 1])
-                    if per_slice:
+                    rng = np.random.default_rng(base + [j, {"slice": 0, "volume": 1, "slice-box": 2}[kind]])
+                    if box_trained:
+                        sets_b[kind] = slice_boxes(mask_ip, rng)
+                    elif per_slice:
                         sets_b[kind] = slice_points(mask_ip, rng)
                     else:
                         lo, hi = self.points_range

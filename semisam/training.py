@@ -379,7 +379,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         scfg = StudentConfig(
             embed_dim=int(self.labeled[0].emb.shape[1]), channels=tuple(s.channels), num_labels=self.num_labels,
-            block_depth=s.block_depth, block_overlap=s.block_overlap, encoder=self.encoder.name, encoder_id=self.encoder.weights_id,
+            block_depth=s.block_depth, block_overlap=s.block_overlap, context=s.context, encoder=self.encoder.name, encoder_id=self.encoder.weights_id,
         )
         self.student = SlicingSAM3D(scfg).to(self.device)
         self.ema = EMATeacher(self.student, cfg.loss.ema_decay)
@@ -388,7 +388,7 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model = DDP(self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None, gradient_as_bucket_view=True)
         self.sup_loss = SupervisedLoss(scfg.out_channels, cfg.loss.dice_weight, cfg.loss.ce_weight)
 
     # -------------------------------------------------------------- state
@@ -460,6 +460,8 @@ class Trainer:
             return None
         every = self.cfg.pseudo.refresh_every
         due = [i for i, it in enumerate(self.unlabeled) if force or it.id not in self.pseudo or self.store.due(f"{it.id}:1", t_epoch, every)]
+        if self.dist.enabled:  # only rank 0's store knows when each case was refreshed
+            due = self.dist.gather(due)[0]
         if not due:
             return None
         if self.teachers is None:
@@ -478,7 +480,7 @@ class Trainer:
             per_label = []
             for k in range(1, self.num_labels + 1):
                 pl = self.labeler(it.image, coarse == k, key=f"{it.id}:{k}")
-                per_label.append(pl)
+                per_label.append(pl.as_stored() if pl is not None else None)
             mine[it.id] = per_label
         results: Dict[str, list] = {}
         for part in self.dist.gather(mine):

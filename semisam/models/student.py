@@ -32,6 +32,8 @@ class StudentConfig:
         channels: widths of the decoder stages; each stage after the first upsamples x2 in-plane.
         num_labels: K structures; 1 gives one sigmoid logit, K > 1 gives K+1 softmax logits.
         block_depth: D_s, slices per inference block.
+        context: residual blocks with in-plane dilation 2, 4, ... at the embedding grid; they
+            widen the decoder's in-plane field of view (5 -> 17 tokens with 2) at little cost.
         block_overlap: overlap of neighbouring blocks (fraction of D_s).
         encoder: name of the frozen encoder the student was trained on.
         encoder_id: identity of that encoder's weights and input normalisation; inference
@@ -43,6 +45,7 @@ class StudentConfig:
     num_labels: int = 1
     block_depth: int = 16
     block_overlap: float = 0.5
+    context: int = 0  # dilated in-plane residual blocks after the stem (dilation 2, 4, ...): a wider field of view
     encoder: str = "litemedsam"
     encoder_id: str = ""  # the encoder's weights id (SliceEncoder.weights_id); "" = not recorded
 
@@ -50,6 +53,8 @@ class StudentConfig:
         self.channels = tuple(int(c) for c in self.channels)
         if self.num_labels < 1:
             raise ValueError("num_labels must be >= 1")
+        if self.context < 0:
+            raise ValueError("context must be >= 0")
         if self.block_depth < 1 or not 0 <= self.block_overlap < 1:
             raise ValueError("block_depth must be >= 1 and block_overlap in [0, 1)")
 
@@ -76,6 +81,19 @@ class ChannelNorm(nn.Module):
         return self.norm(x.movedim(1, -1)).movedim(-1, 1)
 
 
+class _Context(nn.Module):
+    """Residual block: (1, 3, 3) convolution dilated in-plane, channel norm, LeakyReLU."""
+
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, kernel_size=(1, 3, 3), padding=(0, dilation, dilation), dilation=(1, dilation, dilation), bias=False)
+        self.norm = ChannelNorm(channels)
+        self.act = nn.LeakyReLU(0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.norm(self.conv(x)))
+
+
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv3d(cin, cout, kernel_size=3, padding=1, bias=False),
@@ -96,7 +114,10 @@ class SlicingSAM3D(nn.Module):
         super().__init__()
         self.config = config or StudentConfig()
         c = self.config.channels
-        self.stem = nn.Sequential(nn.Conv3d(self.config.embed_dim, c[0], kernel_size=1), _block(c[0], c[0]))
+        self.stem = nn.Sequential(
+            nn.Conv3d(self.config.embed_dim, c[0], kernel_size=1), _block(c[0], c[0]),
+            *[_Context(c[0], 2 ** (i + 1)) for i in range(self.config.context)],
+        )
         self.stages = nn.ModuleList(_block(cin, cout) for cin, cout in zip(c[:-1], c[1:]))
         self.head = nn.Conv3d(c[-1], self.config.out_channels, kernel_size=1)
         with torch.no_grad():  # structures are rare: start near a small foreground prior (p = 0.05)
@@ -180,7 +201,9 @@ def load_student(path, device: str = "cpu") -> Tuple[SlicingSAM3D, Dict[str, Any
     payload = safe_torch_load(path)
     if not isinstance(payload, dict) or "semisam_student" not in payload or "model" not in payload:
         raise CheckpointError(path, "is not a SemiSAM student checkpoint (no 'semisam_student' config)", "pass a student checkpoint written by SemiSAM training")
-    config = StudentConfig(**payload["semisam_student"])
+    saved = dict(payload["semisam_student"])
+    saved.setdefault("context", 0)  # students saved before the context blocks existed had none
+    config = StudentConfig(**saved)
     model = SlicingSAM3D(config)
     load_strict(model, payload["model"], path, "slicing-sam3d student")
     return model.to(device).eval(), dict(payload.get("extra", {}))
