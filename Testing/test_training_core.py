@@ -222,3 +222,17 @@ def test_probs_to_label_and_amp():
     assert amp_settings("off", torch.device("cpu")) == (None, False)
     assert amp_settings("auto", torch.device("cuda")) == (torch.float16, True)
     assert amp_settings("bf16", torch.device("cpu")) == (torch.bfloat16, False)
+
+
+def test_keep_largest_component_per_structure():
+    from semisam.inference import keep_largest_component
+
+    lab = np.zeros((6, 12, 12), np.uint8)
+    lab[1:4, 1:5, 1:5] = 1  # 48 voxels
+    lab[5, 10, 10] = 1  # an island
+    lab[1:3, 8:11, 8:11] = 2  # 18 voxels
+    lab[5, 0, 11] = 2
+    out = keep_largest_component(lab)
+    assert out[5, 10, 10] == 0 and out[5, 0, 11] == 0
+    assert (out == 1).sum() == 48 and (out == 2).sum() == 18
+    assert keep_largest_component(np.zeros((2, 2, 2), np.uint8)).sum() == 0

@@ -718,3 +718,15 @@ def test_torchrun_two_cpu_processes(tiny: Tiny, tmp_path: Path):
         assert not together & set(tiny.validation)
         if e <= warmup:
             assert not together & set(tiny.unlabeled), f"unlabeled cases in warm-up epoch {e}"
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny: Tiny, tmp_path: Path):
+    """optim.grad_accumulation=2: one optimizer step (and one EMA update) per two micro-batches."""
+    config = write_train_config(tmp_path, tiny.cohort, tiny.cache, phases=(2, 0, 1), optim={"grad_accumulation": 2})
+    done = run_to_end(train_cmd(config, "--progress", "json"), tmp_path, "accumulate")
+    records = done.check_ok()
+    start = next(r for r in records if r["type"] == "start")
+    steps = {p["name"]: p["steps_per_epoch"] for p in start["plan"]}
+    state = read_state(tmp_path / "run" / "last.pt")
+    assert state["phase"] == 2 and state["opt_steps"] == 1 * -(-steps["finetune"] // 2)  # ceil: the last, odd micro-batch steps too
+    assert state["ema"]["updates"] == 2 * -(-steps["warmup"] // 2) + state["opt_steps"]

@@ -82,12 +82,28 @@ def main(argv=None) -> int:
     for it in trainer.labeled + trainer.unlabeled:
         it.emb = saved[it.id]
     med = statistics.median(cached)
+    # the decoder's training step in fp32 and under CPU bf16 autocast (what optim.amp=auto picks)
+    from semisam.models.student import SlicingSAM3D
+
+    x = torch.randn(cfg.data.batch_size, 256, cfg.student.block_depth, 64, 64)
+    amp_times = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        net = SlicingSAM3D(trainer.student.config)
+        runs = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = net(x, tuple(cfg.preprocess.target_shape[1:]))
+            out.float().mean().backward()
+            runs.append(time.perf_counter() - t0)
+        amp_times[name] = round(statistics.median(runs[1:]), 3)
     line = {
         "bench": "epoch_cache", "torch": torch.__version__, "threads": torch.get_num_threads(), "compile": args.compile,
         "grid": list(cfg.preprocess.target_shape), "batch": cfg.data.batch_size, "block_depth": cfg.student.block_depth,
         "steps_per_epoch": steps, "cached_epoch_s": [round(c, 3) for c in cached], "cached_epoch_median_s": round(med, 3),
         "uncached_epoch_s": round(uncached, 2), "slices_encoded_uncached": sum(w.slices for w in wrappers),
         "ratio": round(uncached / med, 1),
+        "decoder_step_s": amp_times, "bf16_speedup": round(amp_times["fp32"] / amp_times["bf16"], 2),
     }
     print(json.dumps(line))
     return 0

@@ -78,7 +78,8 @@ def run(cfg, tests, name: str, progress: str):
     summary = trainer.run()
     seconds = time.time() - t0
     student, extra = load_student(summary["best_checkpoint"])
-    rows = evaluate(student, trainer.encoder, trainer.cache, PreprocessConfig(**extra["preprocess"]), tests)
+    rows = evaluate(student, trainer.encoder, trainer.cache, PreprocessConfig(**extra["preprocess"]), tests,
+                    largest_component=bool(extra.get("postprocess", {}).get("largest_component")))
     records = read_metrics(Path(cfg.output) / "metrics.jsonl")
     pseudo = [r["pseudo"] for r in records if r.get("pseudo")]
     result = {

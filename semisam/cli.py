@@ -122,7 +122,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"warning: the input spans {' x '.join(f'{e:.0f}' for e in extent)} mm but the model sees a "
               f"{' x '.join(f'{c:.0f}' for c in crop)} mm crop around the field of view; outside it the output is background", file=sys.stderr)
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else EmbeddingCache()
-    result = segment_volume(volume, student, encoder, config, cache, uncertainty=bool(args.uncertainty), device=args.device)
+    largest = bool(extra.get("postprocess", {}).get("largest_component")) if args.largest_component is None else args.largest_component
+    result = segment_volume(volume, student, encoder, config, cache, uncertainty=bool(args.uncertainty), device=args.device, largest_component=largest)
     write_volume(result.label, args.output)
     if args.uncertainty:
         write_volume(result.uncertainty, args.uncertainty)
@@ -225,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-checkpoint", default=None, help="SAM/MedSAM ViT-B weights when the student was trained on them")
     p.add_argument("--cache-dir", default=None, help="keep slice embeddings here for later runs")
     p.add_argument("--compile", action="store_true", help="compile the encoder (about a minute the first time, then ~2x faster per slice)")
+    p.add_argument("--largest-component", dest="largest_component", action="store_true", default=None,
+                   help="keep each structure's largest connected piece (default: as the student was trained)")
+    p.add_argument("--all-components", dest="largest_component", action="store_false", help="keep every piece")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("init-config", help="write a commented training config (YAML) with the defaults",

@@ -127,6 +127,7 @@ class OptimSection:
 class ValidationSection:
     every: int = 1  # validate every this many epochs (and always at a phase's end)
     hd95: bool = True  # also compute the 95% Hausdorff distance (mm)
+    largest_component: bool = False  # score (and later segment) each structure as its largest connected piece; for one-piece organs
 
 
 @dataclass

@@ -43,6 +43,7 @@ def demo_config(dataset: Path, output: Path, cache_dir: Path, seed: int = 0, sch
     cfg.phases.semi.epochs, cfg.phases.semi.lr = 20, 3e-3
     cfg.phases.finetune.epochs, cfg.phases.finetune.lr = 10, 1e-3
     cfg.validation.every = 5
+    cfg.validation.largest_component = True  # a phantom has one target
     if schedule == "tiny":
         cfg.preprocess.target_spacing = (1.5, 1.5, 4.0)
         cfg.preprocess.target_shape = (8, 32, 32)
@@ -65,7 +66,7 @@ def make_test_cases(n: int, seed: int, shape=(64, 64, 64)) -> List[TestCase]:
     return cases
 
 
-def evaluate(student, encoder, cache, config, cases: Sequence[TestCase], device: str = "cpu") -> List[Dict[str, Any]]:
+def evaluate(student, encoder, cache, config, cases: Sequence[TestCase], device: str = "cpu", largest_component: bool = False) -> List[Dict[str, Any]]:
     """Segment each held-out case (on its own grid) and score it against its label."""
     from .inference import segment_volume
     from .training import dice_hd95
@@ -73,7 +74,7 @@ def evaluate(student, encoder, cache, config, cases: Sequence[TestCase], device:
     rows = []
     for case in cases:
         t0 = time.time()
-        seg = segment_volume(case.image, student, encoder, config, cache, device=device)
+        seg = segment_volume(case.image, student, encoder, config, cache, device=device, largest_component=largest_component)
         dice, hd = dice_hd95(seg.label.array, case.label.array, tuple(case.image.spacing[::-1]), student.config.num_labels)
         rows.append({"case": case.id, "dice": dice, "hd95_mm": hd, "seconds": round(time.time() - t0, 1), "segmentation": seg})
     return rows
@@ -105,7 +106,7 @@ def run_demo(out: Path, n_labeled: int = 8, n_unlabeled: int = 6, n_val: int = 2
     t_train = time.time() - t0
     student, extra = load_student(Path(summary["best_checkpoint"]))
     pre = PreprocessConfig(**extra["preprocess"])
-    rows = evaluate(student, trainer.encoder, trainer.cache, pre, tests)
+    rows = evaluate(student, trainer.encoder, trainer.cache, pre, tests, largest_component=bool(extra.get("postprocess", {}).get("largest_component")))
     seg_dir = out / "segmentations"
     for case, row in zip(tests, rows):
         write_volume(row["segmentation"].label, seg_dir / f"{case.id}_seg.nii.gz")

@@ -39,6 +39,8 @@ def segment_volume(
     cache: Optional[EmbeddingCache] = None,
     uncertainty: bool = False,
     device: str = "cpu",
+    largest_component: bool = False,
+    tta: bool = False,
 ) -> Segmentation:
     """One-click segmentation of ``volume``.
 
@@ -46,6 +48,10 @@ def segment_volume(
         uncertainty: also return the per-voxel variance of the foreground probability over
             test-time flips (depth, rows, columns) of the stacked embeddings. Depth flips are
             exact for a per-slice encoder; in-plane flips perturb the decoder only.
+        largest_component: keep only the largest connected component of each structure (for
+            structures that are one piece, e.g. an organ; students record it when trained so).
+        tta: average the probabilities over the same flips (test-time augmentation; the
+            decoder was trained with these flips of its embeddings). Four decoder passes.
     """
     if student.config.encoder != encoder.name:
         raise ValueError(f"the student was trained on '{student.config.encoder}' embeddings, not '{encoder.name}'")
@@ -59,20 +65,37 @@ def segment_volume(
     emb = cache.embed(pre.array, encoder).float().permute(1, 0, 2, 3)  # (C, D, G, G)
     size = pre.shape[1:]
     probs = student.infer(emb, size, device)
+    views = [probs]
+    if tta or uncertainty:
+        for dims in ((1,), (2,), (3,)):  # depth, rows, columns of (C, D, G, G) and of (K', D, H, W)
+            views.append(torch.flip(student.infer(torch.flip(emb, dims), size, device), dims))
+    if tta:
+        probs = torch.stack(views).mean(dim=0)
     if probs.shape[0] == 1:
         label = (probs[0] > 0.5).to(torch.uint8)
     else:
         label = probs.argmax(0).to(torch.uint8)
+    if largest_component:
+        label = torch.from_numpy(keep_largest_component(label.numpy()))
     fg = _foreground(probs)
     result = Segmentation(
         label=invert(record, label.numpy(), "label"),
         probability=invert(record, fg.numpy(), "probability"),
     )
     if uncertainty:
-        views = [fg]
-        for dims in ((1,), (2,), (3,)):  # depth, rows, columns of (C, D, G, G)
-            flipped = student.infer(torch.flip(emb, dims), size, device)
-            views.append(torch.flip(_foreground(flipped), (dims[0] - 1,)))
-        var = torch.stack(views).var(dim=0, unbiased=False)
+        var = torch.stack([_foreground(v) for v in views]).var(dim=0, unbiased=False)
         result.uncertainty = invert(record, var.numpy().astype(np.float32), "probability")
     return result
+
+
+def keep_largest_component(label: np.ndarray) -> np.ndarray:
+    """Each structure 1..K reduced to its largest 26-connected component (others become 0)."""
+    from scipy import ndimage
+
+    out = np.zeros_like(label)
+    for k in np.unique(label[label > 0]):
+        parts, n = ndimage.label(label == k, structure=np.ones((3, 3, 3), bool))
+        if n:
+            sizes = np.bincount(parts.ravel())[1:]
+            out[parts == int(np.argmax(sizes)) + 1] = k
+    return out

@@ -47,6 +47,7 @@ import torch
 from .config import TrainConfig, write_config
 from .data import Case, DatasetSpec, MixedBatchSampler, load_dataset, validate_dataset
 from .ema import EMATeacher
+from .inference import keep_largest_component
 from .errors import SemiSAMError
 from .losses import SupervisedLoss, consistency_loss, consistency_weight, pseudo_weight, region_consistency_loss
 from .models.encoders import EmbeddingCache, SliceEncoder, bf16_supported
@@ -430,6 +431,7 @@ class Trainer:
     def _save_best(self, dice: Optional[float], phase: int, global_epoch: int) -> None:
         extra = {
             "preprocess": self.pre_config.to_dict(),
+            "postprocess": {"largest_component": bool(self.cfg.validation.largest_component)},
             "labels": {str(k): v for k, v in self.label_names.items()},
             "val_dice": dice, "phase": phase, "global_epoch": global_epoch,
             "dataset": str(self.cfg.dataset), "trained": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -649,7 +651,10 @@ class Trainer:
         dices, hds = [], []
         for it in self.validation:
             probs = self.ema.model.infer(it.emb.float().permute(1, 0, 2, 3), it.image.shape[1:], self.device)
-            d, h = dice_hd95(probs_to_label(probs), it.label, self._spacing_zyx(it), self.num_labels, self.cfg.validation.hd95)
+            pred = probs_to_label(probs)
+            if self.cfg.validation.largest_component:
+                pred = keep_largest_component(pred)
+            d, h = dice_hd95(pred, it.label, self._spacing_zyx(it), self.num_labels, self.cfg.validation.hd95)
             dices.append(d)
             if h is not None:
                 hds.append(h)
