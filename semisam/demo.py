@@ -39,7 +39,7 @@ def demo_config(dataset: Path, output: Path, cache_dir: Path, seed: int = 0, sch
     cfg.pseudo.refresh_every = 10
     cfg.loss.ramp_up = 5.0
     cfg.loss.ramp_down = 20.0
-    cfg.phases.warmup.epochs, cfg.phases.warmup.lr = 80, 5e-3  # 8 labeled cases = 4 steps per epoch
+    cfg.phases.warmup.epochs, cfg.phases.warmup.lr = 60, 5e-3  # 8 labeled cases = 4 steps per epoch
     cfg.phases.semi.epochs, cfg.phases.semi.lr = 20, 3e-3
     cfg.phases.finetune.epochs, cfg.phases.finetune.lr = 10, 1e-3
     cfg.validation.every = 5
