@@ -36,12 +36,12 @@ def demo_config(dataset: Path, output: Path, cache_dir: Path, seed: int = 0, sch
     cfg.student.channels = (32, 16)
     cfg.student.block_depth = 16
     cfg.data.cache_dir = str(cache_dir)
-    cfg.pseudo.refresh_every = 10
-    cfg.loss.ramp_up = 5.0
-    cfg.loss.ramp_down = 20.0
-    cfg.phases.warmup.epochs, cfg.phases.warmup.lr = 60, 5e-3  # 8 labeled cases = 4 steps per epoch
-    cfg.phases.semi.epochs, cfg.phases.semi.lr = 20, 3e-3
-    cfg.phases.finetune.epochs, cfg.phases.finetune.lr = 10, 1e-3
+    cfg.pseudo.refresh_every = 8
+    cfg.loss.ramp_up = 4.0
+    cfg.loss.ramp_down = 16.0
+    cfg.phases.warmup.epochs, cfg.phases.warmup.lr = 50, 5e-3  # 8 labeled cases = 4 steps per epoch
+    cfg.phases.semi.epochs, cfg.phases.semi.lr = 16, 3e-3
+    cfg.phases.finetune.epochs, cfg.phases.finetune.lr = 8, 1e-3
     cfg.validation.every = 5
     cfg.validation.largest_component = True  # a phantom has one target
     if schedule == "tiny":
