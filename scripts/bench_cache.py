@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     def epoch() -> float:
         t0 = time.perf_counter()
-        trainer._run_epoch(1, 0, 41, steps, 1e-3, 0, 100, 40)
+        trainer._run_epoch(1, 0, 41, 1e-3, 0, 100, 40)
         return time.perf_counter() - t0
 
     epoch()  # warm-up (allocations, oneDNN kernels)

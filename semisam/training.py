@@ -31,6 +31,7 @@ atomically after every epoch), ``metrics.jsonl``, ``curves.png``, ``config.yaml`
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -543,7 +544,7 @@ class Trainer:
         self._target_cache[item.id] = out
         return out
 
-    def _run_epoch(self, phase: int, epoch: int, global_epoch: int, steps: int, lr0: float, opt_steps: int, total_opt_steps: int, semi_start: int) -> Tuple[Dict[str, float], int, float, float]:
+    def _run_epoch(self, phase: int, epoch: int, global_epoch: int, lr0: float, opt_steps: int, total_opt_steps: int, semi_start: int) -> Tuple[Dict[str, float], int, float, float]:
         cfg = self.cfg
         items = self.labeled + (self.unlabeled if phase > 0 else [])
         n_u = len(self.unlabeled) if phase > 0 else 0
@@ -554,7 +555,7 @@ class Trainer:
         block = min(cfg.student.block_depth, self.labeled[0].image.shape[0])
         out_size = tuple(self.labeled[0].image.shape[1:])
         g = int(self.labeled[0].emb.shape[-1])
-        square = out_size[0] == out_size[1] and True
+        square = out_size[0] == out_size[1]
         accum = cfg.optim.grad_accumulation
         sums: Dict[str, float] = {}
         counts: Dict[str, int] = {}
@@ -584,7 +585,7 @@ class Trainer:
             x_s = perturb(x, cfg.augment.feature_noise, cfg.augment.feature_dropout, gen)
             micro = step % accum
             last_micro = micro == accum - 1 or step == len(batches) - 1
-            sync = self.model.no_sync() if (self.dist.enabled and not last_micro) else _nullcontext()
+            sync = self.model.no_sync() if (self.dist.enabled and not last_micro) else contextlib.nullcontext()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                     logits = self.model(x_s, out_size)
@@ -699,11 +700,12 @@ class Trainer:
         cfg = self.cfg
         metrics = MetricsLog(self.out / "metrics.jsonl")
         start_phase, start_epoch, global_epoch, opt_steps = 0, 0, 0, 0
+        resumed_message = None
         if state is not None:
             start_phase, start_epoch, global_epoch, opt_steps = state["phase"], state["epochs_done"], state["global_epoch"], state["opt_steps"]
             if self.dist.main:
                 dropped = metrics.truncate(lambda r: int(r.get("global_epoch", 0)) <= global_epoch)
-                self._log_later = f"resumed after epoch {global_epoch} (phase {start_phase}, {start_epoch} epoch(s) done); dropped {dropped} record(s) of the unfinished epoch"
+                resumed_message = f"resumed after epoch {global_epoch} (phase {start_phase}, {start_epoch} epoch(s) done); dropped {dropped} record(s) of the unfinished epoch"
             self._load_stored_pseudo()
         elif self.dist.main:
             metrics.truncate(lambda r: False)
@@ -713,8 +715,8 @@ class Trainer:
         t_start = time.time()
         if self.dist.main:
             self.progress.start(output=str(self.out), world_size=self.dist.world, device=str(self.device), resumed=state is not None)
-            if getattr(self, "_log_later", None):
-                self.progress.message(self._log_later)
+            if resumed_message:
+                self.progress.message(resumed_message)
         for phase, _name, ph in cfg.phase_list():
             if phase < start_phase or ph.epochs == 0:
                 continue
@@ -740,7 +742,7 @@ class Trainer:
                     if pseudo_info:
                         for cid in self.pseudo:
                             self._pseudo_version[cid] = global_epoch
-                losses, opt_steps, lam, beta = self._run_epoch(phase, epoch, global_epoch, steps, ph.lr, opt_steps, total_opt, semi_start)
+                losses, opt_steps, lam, beta = self._run_epoch(phase, epoch, global_epoch, ph.lr, opt_steps, total_opt, semi_start)
                 record: Dict[str, Any] = {"phase": phase, "epoch": epoch, "global_epoch": global_epoch, "losses": losses,
                                           "lambda": lam, "beta": beta, "lr": self.optimizer.param_groups[0]["lr"]}
                 if pseudo_info:
@@ -800,14 +802,6 @@ def _structure_probs(probs: torch.Tensor) -> torch.Tensor:
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(vals)) if vals else None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
