@@ -87,43 +87,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .inference import segment_volume
-    from .models.encoders import EmbeddingCache, build_sam_vit, fast_encoder, litemedsam_encoder, sam_encoder
-    from .models.registry import catalogue, checkpoint_path, models_folder
-    from .models.student import load_student
-    from .preprocess import PreprocessConfig
+    from .inference import Segmenter
+    from .models.encoders import EmbeddingCache
     from .volume import format_of, read_volume, write_volume
 
     for out in [args.output] + ([args.uncertainty] if args.uncertainty else []):
         format_of(out)  # refuse an unknown extension before any work
     t0 = time.time()
-    student, extra = load_student(args.checkpoint, args.device)
-    if student.config.encoder == "litemedsam":
-        encoder = fast_encoder(litemedsam_encoder(device=args.device), compile=args.compile)
-    else:
-        name = student.config.encoder
-        entries = catalogue()
-        weights = args.encoder_checkpoint
-        if weights is None and name in entries:
-            weights = checkpoint_path(entries[name])  # the models folder
-        if weights is None:
-            raise SemiSAMError(f"the student was trained on '{name}' embeddings: pass that encoder's weights with --encoder-checkpoint (or put them in {models_folder()})")
-        encoder = fast_encoder(sam_encoder(build_sam_vit(weights, args.device, name=name), name), compile=args.compile)
-    recorded = extra.get("preprocess")
-    if isinstance(recorded, dict):
-        config = PreprocessConfig(**recorded)
-    else:
-        config = PreprocessConfig()
-        print(f"warning: {args.checkpoint} records no preprocessing settings; using the defaults", file=sys.stderr)
-    volume = read_volume(args.input)
-    extent = [n * sp for n, sp in zip(volume.size_xyz, volume.spacing)]
-    crop = [n * sp for n, sp in zip(config.target_shape[::-1], config.target_spacing)]
-    if any(e > c + 1e-6 for e, c in zip(extent, crop)) and volume.shape[0] > 1:
-        print(f"warning: the input spans {' x '.join(f'{e:.0f}' for e in extent)} mm but the model sees a "
-              f"{' x '.join(f'{c:.0f}' for c in crop)} mm crop around the field of view; outside it the output is background", file=sys.stderr)
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else EmbeddingCache()
-    largest = bool(extra.get("postprocess", {}).get("largest_component")) if args.largest_component is None else args.largest_component
-    result = segment_volume(volume, student, encoder, config, cache, uncertainty=bool(args.uncertainty), device=args.device, largest_component=largest)
+    segmenter = Segmenter(args.checkpoint, args.device, args.encoder_checkpoint, args.compile, cache)
+    volume = read_volume(args.input)
+    result = segmenter.segment(volume, uncertainty=bool(args.uncertainty), largest_component=args.largest_component)
     write_volume(result.label, args.output)
     if args.uncertainty:
         write_volume(result.uncertainty, args.uncertainty)

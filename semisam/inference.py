@@ -5,16 +5,23 @@ Every output is written on the input's grid (shape, spacing, origin, direction).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 
+from .errors import SemiSAMError
 from .models.encoders import EmbeddingCache, SliceEncoder
 from .models.student import SlicingSAM3D
 from .preprocess import PreprocessConfig, invert, preprocess
 from .volume import Volume
+
+
+class Cancelled(SemiSAMError):
+    """The caller's ``cancel()`` returned True; nothing was produced."""
 
 
 @dataclass
@@ -71,17 +78,18 @@ def segment_volume(
             views.append(torch.flip(student.infer(torch.flip(emb, dims), size, device), dims))
     if tta:
         probs = torch.stack(views).mean(dim=0)
+    # Probabilities go back to the input grid (linear) and are thresholded there: smoother
+    # boundaries than resampling a label map with nearest neighbours (worth +0.005..0.08 Dice
+    # on phantoms whose elevation spacing is finer than the training grid's).
+    fg = invert(record, _foreground(probs).numpy(), "probability")
     if probs.shape[0] == 1:
-        label = (probs[0] > 0.5).to(torch.uint8)
+        label = (fg.array > 0.5).astype(np.uint8)
     else:
-        label = probs.argmax(0).to(torch.uint8)
+        channels = invert(record, probs.numpy(), "probability")
+        label = np.stack([c.array for c in channels]).argmax(0).astype(np.uint8)
     if largest_component:
-        label = torch.from_numpy(keep_largest_component(label.numpy()))
-    fg = _foreground(probs)
-    result = Segmentation(
-        label=invert(record, label.numpy(), "label"),
-        probability=invert(record, fg.numpy(), "probability"),
-    )
+        label = keep_largest_component(label)
+    result = Segmentation(label=fg.with_array(label), probability=fg)
     if uncertainty:
         var = torch.stack([_foreground(v) for v in views]).var(dim=0, unbiased=False)
         result.uncertainty = invert(record, var.numpy().astype(np.float32), "probability")
@@ -99,3 +107,93 @@ def keep_largest_component(label: np.ndarray) -> np.ndarray:
             sizes = np.bincount(parts.ravel())[1:]
             out[parts == int(np.argmax(sizes)) + 1] = k
     return out
+
+
+def student_encoder(student: SlicingSAM3D, device: str = "cpu", encoder_checkpoint: Optional[str] = None, compile: bool = False) -> SliceEncoder:
+    """The frozen slice encoder a student was trained on: the shipped LiteMedSAM, or SAM/MedSAM
+    ViT-B weights (``encoder_checkpoint`` or the models folder)."""
+    from .models.encoders import build_sam_vit, fast_encoder, litemedsam_encoder, sam_encoder
+    from .models.registry import catalogue, checkpoint_path, models_folder
+
+    name = student.config.encoder
+    if name == "litemedsam" and encoder_checkpoint is None:
+        return fast_encoder(litemedsam_encoder(device=device), compile=compile)
+    weights = encoder_checkpoint
+    entries = catalogue()
+    if weights is None and name in entries:
+        weights = checkpoint_path(entries[name])  # the models folder
+    if weights is None:
+        raise SemiSAMError(f"the student was trained on '{name}' embeddings: pass that encoder's weights (--encoder-checkpoint) or put them in {models_folder()}")
+    if name == "litemedsam":
+        from .models.encoders import build_litemedsam
+
+        return fast_encoder(litemedsam_encoder(build_litemedsam(weights, device=device)), compile=compile)
+    return fast_encoder(sam_encoder(build_sam_vit(weights, device, name=name), name), compile=compile)
+
+
+class Segmenter:
+    """A loaded student with its encoder, preprocessing and embedding cache: ``segment(volume)``
+    many times (the Slicer module keeps one per checkpoint; the CLI makes one per call).
+
+    Args:
+        checkpoint: a student checkpoint written by training (``best.pt``).
+        encoder_checkpoint: weights of the encoder when the student was not trained on the shipped LiteMedSAM.
+    """
+
+    def __init__(self, checkpoint, device: str = "cpu", encoder_checkpoint: Optional[str] = None, compile: bool = False,
+                 cache: Optional[EmbeddingCache] = None, warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr)):
+        from .models.student import load_student
+
+        self.checkpoint = Path(checkpoint)
+        self.device = device
+        self.student, self.extra = load_student(self.checkpoint, device)
+        self.encoder = student_encoder(self.student, device, encoder_checkpoint, compile)
+        recorded = self.extra.get("preprocess")
+        if isinstance(recorded, dict):
+            self.preprocess_config = PreprocessConfig(**recorded)
+        else:
+            self.preprocess_config = PreprocessConfig()
+            warn(f"{checkpoint} records no preprocessing settings; using the defaults")
+        self.largest_component = bool(self.extra.get("postprocess", {}).get("largest_component"))
+        self.cache = cache or EmbeddingCache()
+        self.warn = warn
+
+    @property
+    def labels(self) -> Dict[int, str]:
+        """Structure names 1..K recorded at training (``{1: "structure 1"}``-style when none were)."""
+        names = {int(k): str(v) for k, v in dict(self.extra.get("labels", {})).items() if int(k) > 0}
+        for k in range(1, self.student.config.num_labels + 1):
+            names.setdefault(k, f"structure {k}")
+        return names
+
+    def crop_warning(self, volume: Volume) -> Optional[str]:
+        """A sentence when the input is larger than the crop the model sees, else None."""
+        config = self.preprocess_config
+        extent = [n * sp for n, sp in zip(volume.size_xyz, volume.spacing)]
+        crop = [n * sp for n, sp in zip(config.target_shape[::-1], config.target_spacing)]
+        if any(e > c + 1e-6 for e, c in zip(extent, crop)) and volume.shape[0] > 1:
+            return (f"the input spans {' x '.join(f'{e:.0f}' for e in extent)} mm but the model sees a "
+                    f"{' x '.join(f'{c:.0f}' for c in crop)} mm crop around the field of view; outside it the output is background")
+        return None
+
+    def segment(self, volume: Volume, uncertainty: bool = False, largest_component: Optional[bool] = None, tta: bool = False,
+                progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None,
+                chunk: int = 8) -> Segmentation:
+        """Segment ``volume`` (outputs on its grid). ``progress(done, total)`` counts encoded
+        slices; ``cancel()`` is polled between chunks of slices and raises :class:`Cancelled`."""
+        warning = self.crop_warning(volume)
+        if warning:
+            self.warn(warning)
+        pre, _ = preprocess(volume, self.preprocess_config)
+        depth = pre.shape[0]
+        for start in range(0, depth, chunk):  # embed chunk by chunk: progress and a chance to cancel
+            if cancel is not None and cancel():
+                raise Cancelled("segmentation cancelled")
+            self.cache.embed(pre.array, self.encoder, slices=range(start, min(depth, start + chunk)))
+            if progress is not None:
+                progress(min(depth, start + chunk), depth)
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+        largest = self.largest_component if largest_component is None else largest_component
+        return segment_volume(volume, self.student, self.encoder, self.preprocess_config, self.cache, uncertainty=uncertainty,
+                              device=self.device, largest_component=largest, tta=tta)
