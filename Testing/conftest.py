@@ -53,3 +53,18 @@ def make_volume():
         return Volume(arr, spacing, origin, oblique() if direction is None else direction)
 
     return _make
+
+
+import slicer_app  # noqa: E402  (puts the Slicer module folders on sys.path; imports slicer lazily)
+
+
+@pytest.fixture
+def slicer_scene():
+    """A clean MRML scene wired like Slicer's at start-up (``slicer.mrmlScene``,
+    ``slicer.modules.<name>.logic()``); skipped without the ``slicer-core`` wheel. The logics
+    live for the whole session; the scene is cleared before and after each test."""
+    pytest.importorskip("slicer")
+    app = slicer_app.start()
+    app.clear()
+    yield app.scene
+    app.clear()

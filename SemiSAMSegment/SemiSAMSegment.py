@@ -1,0 +1,373 @@
+"""SemiSAMSegment: one-click segmentation of 3D ultrasound with a trained SemiSAM student, the
+uncertainty as an overlay, export (.nii.gz / .nrrd / DICOM SEG), and the "SemiSAM" Segment
+Editor effect (clicks and boxes, propagation) registered at start-up.
+
+This file only wires the GUI to the parameter node and to ``SemiSAMSegmentLib`` (Qt-free
+logic tested with pytest against real MRML); the model runs on one persistent worker thread.
+"""
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = Path(__file__).resolve().parent
+EFFECT_SOURCE = MODULE_DIR / "SemiSAMSegmentLib" / "SegmentEditorEffect.py"
+
+
+class SemiSAMSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "SemiSAM Segment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["SemiSAM developers"]
+        self.parent.helpText = (
+            "One-click segmentation of a 3D ultrasound volume with a SemiSAM student (trained semi-supervised with "
+            "SAM-family teachers), a per-voxel uncertainty overlay, and export to NIfTI, NRRD or DICOM SEG. "
+            "Refine the result in the Segment Editor with the <b>SemiSAM</b> effect: + and − clicks and boxes on any "
+            "slice view, then propagate through the volume."
+        )
+        self.parent.acknowledgementText = "Built on segment-anything, LiteMedSAM (MedSAM), SAM 2, SAM-Med3D, MONAI and highdicom."
+        slicer.app.connect("startupCompleted()", registerEffect)
+
+
+def registerEffect():
+    """Register the SemiSAM Segment Editor effect (called once Slicer has started)."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    factory = slicer.qSlicerSegmentEditorEffectFactory.instance()
+    if "SemiSAM" in [factory.registeredEffects()[i].name for i in range(len(factory.registeredEffects()))]:
+        return
+    effect = effects.qSlicerSegmentEditorScriptedEffect(None)
+    effect.setPythonSource(str(EFFECT_SOURCE).replace("\\", "/"))
+    effect.self().register()
+
+
+def ensureRequirements(parent=None) -> bool:
+    """Check SemiSAM's Python requirements; install what is missing after ONE confirmation that
+    lists everything. torch comes from the PyTorch extension; Slicer's own packages are kept."""
+    from SemiSAMSegmentLib import dependencies
+
+    plan = dependencies.plan()
+    if not plan.needed:
+        return True
+    if not slicer.util.confirmOkCancelDisplay(plan.summary(), "SemiSAM: install Python packages", parent=parent):
+        return False
+    with slicer.util.WaitCursor():
+        if plan.torch:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                slicer.util.errorDisplay("SemiSAM needs the PyTorch extension for torch: install 'PyTorch' from the Extensions Manager, restart Slicer and try again.")
+                return False
+            torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torch_logic.torchInstalled():
+                torch = torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
+                if torch is None:
+                    slicer.util.errorDisplay("PyTorch could not be installed; see the Python console for pip's output.")
+                    return False
+        plan = dependencies.plan()  # torch may have brought some of them
+        if plan.pip:
+            constraints = dependencies.write_constraints(plan, Path(slicer.app.temporaryPath))
+            pydeps = getattr(slicer, "packaging", None) or getattr(slicer, "pydeps", None)  # Slicer >= 5.11
+            if pydeps is not None and hasattr(pydeps, "pip_ensure"):
+                from packaging.requirements import Requirement
+
+                pydeps.pip_ensure([Requirement(spec) for spec in plan.pip], constraints=str(constraints), prompt_install=False, requester="SemiSAM")
+            else:  # older Slicer: plain pip, constrained to Slicer's own versions
+                slicer.util.pip_install(" ".join(f'"{a}"' if " " in a else a for a in plan.pip_arguments(constraints)))
+    missing = dependencies.plan()
+    if missing.needed:
+        slicer.util.errorDisplay("Some packages are still missing after the installation:\n" + missing.summary())
+        return False
+    return True
+
+
+@parameterNodeWrapper
+class SemiSAMSegmentParameterNode:
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    studentCheckpoint: str = ""
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    uncertainty: bool = True
+    outputSegmentation: slicer.vtkMRMLSegmentationNode
+    uncertaintyVolume: slicer.vtkMRMLScalarVolumeNode
+
+
+class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._worker = None
+        self._future = None
+        self._progress = (0, 0)
+        self._cancelled = False
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self._poll)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SemiSAMSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SemiSAMSegmentLogic()
+        self.ui.studentPathLineEdit.filters = slicer.ctkPathLineEdit().Files
+        self.ui.studentPathLineEdit.nameFilters = ["SemiSAM student (*.pt)"]
+        self.ui.studentPathLineEdit.settingKey = "SemiSAM/StudentCheckpoint"
+        self.ui.progressBar.hide()
+        self.ui.cancelButton.hide()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
+        self.ui.studentPathLineEdit.connect("currentPathChanged(QString)", self._onStudentChanged)
+        self._fillModelList()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self._timer.stop()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+        if not self._parameterNode.studentCheckpoint and self.ui.studentPathLineEdit.currentPath:
+            self._parameterNode.studentCheckpoint = self.ui.studentPathLineEdit.currentPath
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _fillModelList(self) -> None:
+        """Students in the models folder (``<models>/students/*.pt``) as quick choices."""
+        from SemiSAMSegmentLib.logic import student_checkpoints
+
+        self.ui.modelComboBox.clear()
+        self.ui.modelComboBox.addItem("(choose a file below)", "")
+        try:
+            for path in student_checkpoints():
+                self.ui.modelComboBox.addItem(path.stem, str(path))
+        except Exception as exc:  # the models folder is optional
+            logging_warning(f"SemiSAM: cannot list students: {exc}")
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChosen)
+
+    def _onModelChosen(self, index: int) -> None:
+        path = self.ui.modelComboBox.itemData(index)
+        if path:
+            self.ui.studentPathLineEdit.currentPath = path
+
+    def _onStudentChanged(self, path: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.studentCheckpoint = path
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        ready = bool(p and p.inputVolume and p.studentCheckpoint)
+        busy = self._future is not None
+        self.ui.applyButton.enabled = ready and not busy
+        self.ui.applyButton.toolTip = (
+            "Segment the input volume with the student" if ready else "Choose an input volume and a trained student (.pt) first"
+        )
+        self.ui.exportButton.enabled = bool(p and p.outputSegmentation and p.inputVolume) and not busy
+
+    # -------------------------------------------------------------- one-click
+
+    def _workerInstance(self):
+        from SemiSAMSegmentLib.worker import ModelWorker
+
+        if self._worker is None:
+            self._worker = ModelWorker(lambda: None, name="SemiSAM one-click worker")
+        return self._worker
+
+    def onApplyButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("SemiSAM segmentation could not start.", waitCursor=True):
+            if not ensureRequirements(slicer.util.mainWindow()):
+                return
+            from SemiSAMSegmentLib import mrml
+
+            p = self._parameterNode
+            volume = mrml.volume_from_node(p.inputVolume)  # read on the GUI thread (MRML is not thread-safe)
+            checkpoint, device, uncertainty = p.studentCheckpoint, p.device, p.uncertainty
+            self._cancelled = False
+            self._progress = (0, 0)
+
+            def job(_model, cancel_event):
+                return self.logic.segment_arrays(volume, checkpoint, device, uncertainty, progress=self._setProgress, cancel=cancel_event.is_set)
+
+            self._future = self._workerInstance().submit(job)
+            self.ui.progressBar.setValue(0)
+            self.ui.progressBar.show()
+            self.ui.cancelButton.show()
+            self.ui.statusLabel.text = "Embedding slices..."
+            self._checkCanApply()
+            self._timer.start()
+
+    def _setProgress(self, done: int, total: int) -> None:  # worker thread: only store numbers
+        self._progress = (done, total)
+
+    def onCancelButton(self) -> None:
+        self._cancelled = True
+        if self._worker is not None:
+            self._worker.cancel()
+        self.ui.statusLabel.text = "Cancelling..."
+
+    def _poll(self) -> None:
+        done, total = self._progress
+        if total:
+            self.ui.progressBar.setValue(int(100 * done / total))
+            self.ui.statusLabel.text = f"Embedding slices: {done} / {total}" if done < total else "Decoding..."
+        future = self._future
+        if future is None or not future.done():
+            return
+        self._timer.stop()
+        self._future = None
+        self.ui.progressBar.hide()
+        self.ui.cancelButton.hide()
+        self._checkCanApply()
+        if future.cancelled() or self._cancelled:
+            self.ui.statusLabel.text = "Cancelled."
+            return
+        exc = future.exception()
+        if exc is not None:
+            from semisam.inference import Cancelled
+
+            if isinstance(exc, Cancelled):
+                self.ui.statusLabel.text = "Cancelled."
+                return
+            self.ui.statusLabel.text = "Failed."
+            slicer.util.errorDisplay(f"SemiSAM segmentation failed: {exc}", detailedText=_traceback(exc))
+            return
+        with slicer.util.tryWithErrorDisplay("Could not write the segmentation into the scene.", waitCursor=True):
+            result = future.result()
+            p = self._parameterNode
+            seg, unc = self.logic.apply(result, p.inputVolume, p.outputSegmentation, p.uncertaintyVolume)
+            p.outputSegmentation = seg
+            if unc is not None:
+                p.uncertaintyVolume = unc
+                slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=unc, foregroundOpacity=0.4)
+                unc.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeInferno")
+            seg.CreateClosedSurfaceRepresentation()
+            voxels = int((result.label > 0).sum())
+            self.ui.statusLabel.text = f"Done in {result.seconds:.1f} s: {len(result.names)} structure(s), {voxels} voxels."
+
+    # -------------------------------------------------------------- export / refine
+
+    def onExportButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            p = self._parameterNode
+            fromDicom = bool(p.inputVolume.GetAttribute("DICOM.instanceUIDs"))
+            filters = "NIfTI (*.nii.gz);;NRRD (*.nrrd)" + (";;DICOM SEG (*.dcm)" if fromDicom else "")
+            path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export segmentation", p.outputSegmentation.GetName() + ".nii.gz", filters)
+            if not path:
+                return
+            database = getattr(slicer, "dicomDatabase", None)
+            written = self.logic.export(p.outputSegmentation, p.inputVolume, path, database.fileForInstance if database else None)
+            self.ui.statusLabel.text = f"Exported {written}"
+
+    def onRefineButton(self) -> None:
+        """Open the Segment Editor on the result with the SemiSAM effect active."""
+        p = self._parameterNode
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        if p.outputSegmentation:
+            editor.setSegmentationNode(p.outputSegmentation)
+        if p.inputVolume:
+            editor.setSourceVolumeNode(p.inputVolume)
+        editor.setActiveEffectByName("SemiSAM")
+
+
+def logging_warning(message: str) -> None:
+    import logging
+
+    logging.warning(message)
+
+
+def _traceback(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class SemiSAMSegmentLogic(ScriptedLoadableModuleLogic):
+    """The module logic: the parameter node plus SemiSAMSegmentLib's Qt-free logic."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        from SemiSAMSegmentLib.logic import SemiSAMSegmentLogic as CoreLogic
+
+        self.core = CoreLogic()
+
+    def getParameterNode(self):
+        return SemiSAMSegmentParameterNode(super().getParameterNode())
+
+    def segment_arrays(self, *args, **kwargs):
+        return self.core.segment_arrays(*args, **kwargs)
+
+    def apply(self, *args, **kwargs):
+        return self.core.apply(*args, **kwargs)
+
+    def process(self, *args, **kwargs):
+        return self.core.process(*args, **kwargs)
+
+    def export(self, *args, **kwargs):
+        return self.core.export(*args, **kwargs)
+
+
+def _selfTestModule():
+    """Load Testing/Python/SemiSAMSegmentSelfTest.py (source tree or install tree)."""
+    import importlib.util
+
+    for candidate in (MODULE_DIR / "Testing" / "Python" / "SemiSAMSegmentSelfTest.py",):
+        if candidate.is_file():
+            spec = importlib.util.spec_from_file_location("SemiSAMSegmentSelfTest", candidate)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    return None
+
+
+try:  # "Reload and Test" runs the class named <Module>Test from this file
+    _tests = _selfTestModule()
+    SemiSAMSegmentTest = _tests.SemiSAMSegmentSelfTest if _tests is not None else None
+except Exception:  # a broken test file must not break the module
+    SemiSAMSegmentTest = None
