@@ -199,7 +199,7 @@ def test_plan_lists_what_is_missing_and_keeps_slicers_packages(tmp_path):
     text = plan.summary()
     assert "PyTorch" in text and "highdicom==0.28.2" in text and "sam2==1.1.0" in text and "kept as they are" in text
     path = dependencies.write_constraints(plan, tmp_path)
-    assert path.read_text().splitlines() == plan.constraints
+    assert path.read_text(encoding="utf-8").splitlines() == plan.constraints
     assert plan.pip_arguments(path) == ["--constraint", str(path), "highdicom==0.28.2", "sam2==1.1.0"]
     done = dependencies.plan([("monai", "1.6.1")], version_of={**have, "torch": "2.5.0", "torchvision": "0.20.0"}.get)
     assert not done.needed and "All SemiSAM requirements" in done.summary()

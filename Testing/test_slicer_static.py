@@ -34,7 +34,7 @@ def test_there_are_modules():
 
 
 def test_top_level_cmake_declares_the_extension_and_every_module():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({key}\s", text), f"{key} missing from CMakeLists.txt"
@@ -46,7 +46,7 @@ def test_top_level_cmake_declares_the_extension_and_every_module():
 
 
 def test_core_package_files_are_all_installed():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(cmake_list(text, "SEMISAM_CORE_SCRIPTS"))
     present = {p.relative_to(REPO).as_posix() for p in (REPO / "semisam").rglob("*.py")}
     assert listed == present, f"not listed: {sorted(present - listed)}; listed but absent: {sorted(listed - present)}"
@@ -57,7 +57,7 @@ def test_core_package_files_are_all_installed():
 @pytest.mark.parametrize("module", MODULES)
 def test_module_cmake_lists_every_file(module):
     folder = REPO / module
-    text = (folder / "CMakeLists.txt").read_text()
+    text = (folder / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(cmake_list(text, "MODULE_PYTHON_SCRIPTS", module)) | set(cmake_list(text, "MODULE_PYTHON_RESOURCES", module))
     present = {
         p.relative_to(folder).as_posix() for p in folder.rglob("*")
@@ -67,7 +67,7 @@ def test_module_cmake_lists_every_file(module):
     assert f"NAME ${{MODULE_NAME}}" in text and f"set(MODULE_NAME {module})" in text
     tests = folder / "Testing" / "Python"
     assert tests.is_dir(), f"{module} has no Testing/Python self-tests"
-    registered = re.findall(r"slicer_add_python_unittest\(SCRIPT\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/(\S+)\)", (tests / "CMakeLists.txt").read_text())
+    registered = re.findall(r"slicer_add_python_unittest\(SCRIPT\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/(\S+)\)", (tests / "CMakeLists.txt").read_text(encoding="utf-8"))
     assert registered and all((tests / r).is_file() for r in registered)
     assert sorted(registered) == sorted(p.name for p in tests.glob("*.py"))
 
@@ -80,7 +80,7 @@ def test_module_python_byte_compiles(module, tmp_path):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_every_ui_name_used_exists(module):
-    source = (REPO / module / f"{module}.py").read_text()
+    source = (REPO / module / f"{module}.py").read_text(encoding="utf-8")
     ui = REPO / module / "Resources" / "UI" / f"{module}.ui"
     names = ui_widgets(ui)
     used = set(re.findall(r"self\.ui\.(\w+)", source))
@@ -92,7 +92,7 @@ def test_every_ui_name_used_exists(module):
 @pytest.mark.parametrize("module", MODULES)
 def test_parameter_node_bindings_match_the_wrapper(module):
     """Every SlicerParameterName in the .ui is a field of the module's parameterNodeWrapper class."""
-    tree = ast.parse((REPO / module / f"{module}.py").read_text())
+    tree = ast.parse((REPO / module / f"{module}.py").read_text(encoding="utf-8"))
     wrappers = [n for n in tree.body if isinstance(n, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in n.decorator_list)]
     assert len(wrappers) == 1, "one @parameterNodeWrapper class expected"
     fields = {s.target.id for s in wrappers[0].body if isinstance(s, ast.AnnAssign)}
@@ -106,7 +106,7 @@ def test_lib_imports_exist(module):
     """``from <Module>Lib.x import ...`` / ``from <Module>Lib import x`` refer to real files."""
     lib = REPO / module / f"{module}Lib"
     for path in (REPO / module).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(f"{module}Lib"):
                 parts = node.module.split(".")[1:]
                 if parts:
@@ -118,7 +118,7 @@ def test_lib_imports_exist(module):
 
 def test_segment_editor_effect_implements_what_the_editor_calls():
     path = REPO / "SemiSAMSegment" / "SemiSAMSegmentLib" / "SegmentEditorEffect.py"
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentEditorEffect")
     assert any(getattr(b, "id", None) == "AbstractScriptedSegmentEditorEffect" for b in cls.bases)
     methods = {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
@@ -137,7 +137,7 @@ def test_segment_editor_effect_implements_what_the_editor_calls():
     # clone() must point the copy at this very file
     assert "setPythonSource(__file__" in ast.unparse(methods["clone"])
     # registration at start-up from the module
-    module = (REPO / "SemiSAMSegment" / "SemiSAMSegment.py").read_text()
+    module = (REPO / "SemiSAMSegment" / "SemiSAMSegment.py").read_text(encoding="utf-8")
     assert 'slicer.app.connect("startupCompleted()", registerEffect)' in module
     assert "SegmentEditorEffect.py" in module
 
@@ -146,7 +146,7 @@ def test_in_slicer_requirements_match_pyproject():
     import tomllib
 
     pins = {}
-    for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+    for dep in tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]:
         name, _, version = dep.partition("==")
         pins[name.strip().lower()] = version.strip()
     import sys
@@ -165,7 +165,7 @@ def test_in_slicer_requirements_match_pyproject():
 
 def test_core_never_imports_slicer_or_qt():
     for path in (REPO / "semisam").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for n in names:
                 assert n.split(".")[0] not in ("slicer", "qt", "ctk", "vtk"), f"{path} imports {n}"
@@ -177,7 +177,7 @@ def test_lib_logic_is_qt_free():
         for path in (REPO / module / f"{module}Lib").glob("*.py"):
             if path.name == "SegmentEditorEffect.py":
                 continue
-            for node in ast.walk(ast.parse(path.read_text())):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 for n in names:
                     assert n.split(".")[0] not in ("qt", "ctk"), f"{path} imports {n}"

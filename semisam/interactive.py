@@ -777,3 +777,83 @@ class InteractiveSession:
         if r0 < 0 or c0 < 0 or r1 > frame.h - 1 or c1 > frame.w - 1:
             raise ValueError(f"box {tuple(box)} lies outside slice {AXIS_NAMES[axis]}={index} of shape {(frame.h, frame.w)}")
         return (r0, c0, r1, c1)
+
+
+class _BoxDecoder:
+    """LiteMedSAM's prompt encoder + mask decoder for box prompts, with the prompt-independent
+    image side computed once per slice.
+
+    With a box prompt (and no mask prompt) the decoder's dense input is a constant, so the
+    keys entering the two-way transformer, and in its first block the image-side
+    projections (keys and values of the token-to-image attention, queries of the
+    image-to-token attention), depend on the slice only. :meth:`prepare` computes them once;
+    :meth:`__call__` runs the rest for K boxes at once, sharing them instead of repeating the
+    image K times. The result equals ``mask_decoder(..., multimask_output=False)`` (tested).
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        self.prompt_encoder = net.prompt_encoder
+        self.decoder = net.mask_decoder
+        self.transformer = self.decoder.transformer
+        with torch.inference_mode():
+            pe = self.prompt_encoder.get_dense_pe()  # (1, C, H, W)
+            self.grid = tuple(pe.shape[-2:])
+            self.key_pe = pe.flatten(2).transpose(1, 2).contiguous()  # (1, HW, C)
+            self.no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, 1, -1)
+            self.output_tokens = torch.cat([self.decoder.iou_token.weight, self.decoder.mask_tokens.weight], dim=0)
+
+    @staticmethod
+    def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+        b, t, c = x.shape
+        return x.reshape(b, t, n, c // n).transpose(1, 2)
+
+    @staticmethod
+    def _merge(x: torch.Tensor) -> torch.Tensor:
+        b, n, t, c = x.shape
+        return x.transpose(1, 2).reshape(b, t, n * c)
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        attn = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
+        return attn @ v
+
+    @torch.inference_mode()
+    def prepare(self, embedding: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The slice's (1, C, H, W) embedding -> the prompt-independent tensors."""
+        keys = embedding.flatten(2).transpose(1, 2) + self.no_mask  # (1, HW, C)
+        block = self.transformer.layers[0]
+        k_in = keys + self.key_pe
+        t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+        return (
+            keys,
+            self._heads(t2i.k_proj(k_in), t2i.num_heads),
+            self._heads(t2i.v_proj(keys), t2i.num_heads),
+            self._heads(i2t.q_proj(k_in), i2t.num_heads),
+        )
+
+    @torch.inference_mode()
+    def __call__(self, prepared: Tuple[torch.Tensor, ...], boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(K, 4) boxes (x0, y0, x1, y1) in the model frame -> (K, 4H, 4W) logits, (K,) IoU."""
+        keys0, t2i_k, t2i_v, i2t_q = prepared
+        k = boxes.shape[0]
+        sparse = self.prompt_encoder._embed_boxes(boxes.reshape(k, 1, 4))  # (K, 2, C)
+        tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(k, -1, -1), sparse], dim=1)
+        tr = self.transformer
+        block = tr.layers[0]  # skip_first_layer_pe: self-attention without the positional term
+        q = block.norm1(block.self_attn(q=tokens, k=tokens, v=tokens))
+        t2i, i2t = block.cross_attn_token_to_image, block.cross_attn_image_to_token
+        out = self._attend(self._heads(t2i.q_proj(q + tokens), t2i.num_heads), t2i_k, t2i_v)
+        q = block.norm2(q + t2i.out_proj(self._merge(out)))
+        q = block.norm3(q + block.mlp(q))
+        qt = q + tokens
+        out = self._attend(i2t_q, self._heads(i2t.k_proj(qt), i2t.num_heads), self._heads(i2t.v_proj(q), i2t.num_heads))
+        keys = block.norm4(keys0 + i2t.out_proj(self._merge(out)))
+        for block in tr.layers[1:]:
+            q, keys = block(queries=q, keys=keys, query_pe=tokens, key_pe=self.key_pe)
+        q = tr.norm_final_attn(q + tr.final_attn_token_to_image(q=q + tokens, k=keys + self.key_pe, v=keys))
+        h, w = self.grid
+        up = self.decoder.output_upscaling(keys.transpose(1, 2).reshape(k, -1, h, w))  # (K, C/8, 4H, 4W)
+        hyper = self.decoder.output_hypernetworks_mlps[0](q[:, 1])  # the single-mask token
+        logits = (hyper.unsqueeze(1) @ up.flatten(2)).reshape(k, up.shape[-2], up.shape[-1])
+        iou = self.decoder.iou_prediction_head(q[:, 0])[:, 0]
+        return logits, iou
