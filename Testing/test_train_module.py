@@ -385,7 +385,7 @@ def test_child_environment_and_python():
 def script(config: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, **ENV}
     return subprocess.Popen([sys.executable, str(REPO / "scripts" / "slicer_train.py"), "--config", str(config), *args],
-                            cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
 
 
 def test_headless_script_trains_and_refuses_bad_configs(normal, cohort: Path, tmp_path: Path):
@@ -426,7 +426,7 @@ def test_headless_script_trains_and_refuses_bad_configs(normal, cohort: Path, tm
 
 
 def test_headless_script_argument_errors():
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "slicer_train.py")], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "slicer_train.py")], capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert done.returncode == 2 and "--config" in done.stderr
 
 

@@ -623,7 +623,7 @@ class TrainingRun:
         """The child's environment: ours, unbuffered, with ``semisam`` importable, no torchrun variables."""
         env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_VARS}
         env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONIOENCODING"] = "utf-8"
+        env["PYTHONIOENCODING"] = "utf-8"  # the reader decodes UTF-8 whatever the locale
         root = semisam_path()
         if root:
             parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
