@@ -71,69 +71,54 @@ class ClickPolicy:
     Attributes:
         scales: half-sides of the first click's candidate boxes, as fractions of the model
             frame (256 px, the slice's longer physical side).
-        select: how the first click's candidate is chosen: ``"consensus"`` (the mask that
-            agrees best, by mean IoU, with the other candidates' masks: the object recurs over
-            several box sizes, a speckle blob or a box-filling guess does not), ``"iou"`` (the
-            decoder's predicted IoU) or ``"consensus*iou"``.
+        select: how the first click's candidate is chosen: ``"iou"`` (the decoder's predicted
+            IoU), ``"stability"`` (IoU of the mask thresholded at logit -1 and +1, as in SAM's
+            automatic mask generator) or ``"iou*stability"``.
         refine: re-fit the box to the chosen mask's bounding box (plus ``margin``) and decode
             again, this many times, after the first click.
         margin: frame pixels added around a mask's bounding box or a click when a box is
             made from them.
         box_margin: frame pixels added around a box given by the user.
-        threshold: the logit above which a pixel is foreground.
-        adaptive: a positive click outside the box grows the box past the click by the
-            click's distance to the mask (the click marks the centre of what is missing);
-            a negative click shrinks the box to its distance to the mask's edge before it.
-            Else by ``margin`` / to 1 px past the click.
-        pos_inside: a positive click inside the box but outside the mask changes the box:
-            ``"push"`` moves the nearest side outwards past the click; ``"none"`` leaves it
-            (the click's local constraint adds the region around it).
-        neg_inside: a negative click on the part of the mask holding the positive clicks:
-            ``"shrink"`` moves the nearest box side inwards past it (unless that keeps less
-            than ``min_keep`` of the box); ``"none"`` leaves the box.
+        pos_inside: positive click inside the box but outside the mask: ``"threshold"`` (add
+            the connected region around the click whose logit is at least the click's, within
+            ``local_radius``), ``"push"`` (move the nearest box side outwards past the click)
+            or ``"none"`` (honour the click pixel only).
+        neg_inside: negative click on the part of the mask holding the positive clicks:
+            ``"shrink"`` (move the nearest box side onto the click; a local threshold when that
+            would keep less than ``min_keep`` of the box), ``"threshold"`` (remove the connected
+            region around the click whose logit is at most the click's, within
+            ``local_radius``) or ``"none"``.
         remove_parts: a negative click on a part of the mask with no positive click removes
             that connected part.
-        constrain: which clicks edit the mask around themselves after every decode:
-            ``"all"`` (each positive click not in the mask adds the connected region around it
-            whose logit is at least the click's; each negative click in the mask removes the
-            region whose logit is at most the click's; within ``local_radius``), ``"inside"``
-            (only clicks that did not change the box) or ``"pixel"`` (only the click pixels).
-        local_radius: radius (frame pixels) of those local edits.
-        core: a local edit also takes the disk around the click whose radius is the click's
-            distance to the mask's edge when it was made (at most half ``local_radius``): the
-            user clicks the middle of what is wrong, so that much around it is wrong too.
+        local_radius: radius (frame pixels) of the neighbourhood the local threshold edits.
         min_keep: the fraction of the box's side a shrink must keep.
         click_radius: pixels (slice grid) around each click forced to its label (0: the pixel).
     """
 
-    scales: Tuple[float, ...] = (0.08, 0.1, 0.125, 0.155, 0.19, 0.235, 0.29, 0.36)
-    select: str = "consensus"
+    scales: Tuple[float, ...] = (0.05, 0.08, 0.12, 0.17, 0.24, 0.33)
+    select: str = "iou"
     refine: int = 1
     margin: float = 6.0
     box_margin: float = 6.0
-    threshold: float = 0.0
-    adaptive: bool = True
-    pos_inside: str = "none"
+    pos_inside: str = "threshold"
     neg_inside: str = "shrink"
     remove_parts: bool = True
-    constrain: str = "all"
-    local_radius: float = 48.0
-    core: bool = True
+    local_radius: float = 24.0
     min_keep: float = 0.5
     click_radius: int = 0
+    switch: bool = True
+    adaptive: bool = True
+    threshold: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be positive fractions of the frame, got {self.scales}")
-        choices = {
-            "select": ("consensus", "iou", "consensus*iou"),
-            "pos_inside": ("push", "none"),
-            "neg_inside": ("shrink", "none"),
-            "constrain": ("all", "inside", "pixel"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.select not in ("iou", "stability", "iou*stability"):
+            raise ValueError(f"select must be 'iou', 'stability' or 'iou*stability', got {self.select!r}")
+        if self.pos_inside not in ("threshold", "push", "none"):
+            raise ValueError(f"pos_inside must be 'threshold', 'push' or 'none', got {self.pos_inside!r}")
+        if self.neg_inside not in ("shrink", "threshold", "none"):
+            raise ValueError(f"neg_inside must be 'shrink', 'threshold' or 'none', got {self.neg_inside!r}")
 
 
 @dataclass
@@ -190,7 +175,10 @@ class _SliceState:
     box: Optional[np.ndarray] = None  # frame (x0, y0, x1, y1)
     logits: Optional[np.ndarray] = None  # (h, w) float32 logits of the last decode, slice grid
     iou: float = float("nan")
-    local: List[Optional[float]] = field(default_factory=list)  # per click: None, or the core radius of its local edit
+    candidates: Optional[Tuple[np.ndarray, torch.Tensor, np.ndarray]] = None  # first click: boxes, frame logits, IoU
+    grow: List[Tuple[int, int]] = field(default_factory=list)  # positive clicks growing the mask locally
+    cut: List[Tuple[int, int]] = field(default_factory=list)  # negative clicks cutting it locally
+    remove: List[Tuple[int, int]] = field(default_factory=list)  # negative clicks removing their part
     mask: Optional[np.ndarray] = None  # the last mask returned
 
 
@@ -237,11 +225,12 @@ class InteractiveSession:
         self.encode_batch = max(int(encode_batch), 1)
         self.encoded_slices = 0
         self.last_info: Dict[str, object] = {}
-        self._decoder = _BoxDecoder(self.net)
+        with torch.inference_mode():
+            self._pe = self.net.prompt_encoder.get_dense_pe().to(self.device)
+            self._no_mask = self.net.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(self.device)
         self._image: Optional[np.ndarray] = None
         self._spacing = (1.0, 1.0, 1.0)
         self._embeddings: "OrderedDict[Tuple[int, int], torch.Tensor]" = OrderedDict()
-        self._prepared: "OrderedDict[Tuple[int, int], Tuple[torch.Tensor, ...]]" = OrderedDict()
         self._states: Dict[Tuple[int, int], _SliceState] = {}
 
     # ----------------------------------------------------------------------------------------
@@ -269,7 +258,6 @@ class InteractiveSession:
         self._image = image
         self._spacing = spacing
         self._embeddings.clear()
-        self._prepared.clear()
         self._states.clear()
         self.last_info = {}
 
@@ -444,39 +432,49 @@ class InteractiveSession:
         self.last_info = {"propagated": 0, "cancelled": False}
         for step, count in plans:
             prev = seed
+            pending: List[int] = []
             for k in range(1, count + 1):
                 if cancel is not None and cancel():
                     self.last_info["cancelled"] = True
                     return out
                 i = index + step * k
-                if not self.is_cached(axis, i):  # encode a few slices ahead together
-                    self._embed_many(axis, [index + step * j for j in range(k, min(k + self.encode_batch, count + 1))])
-                logits, iou = self._decode(self._embedding(axis, i), self._mask_box(prev, frame)[None])
-                m = self._to_slice(logits[0], frame) > self.policy.threshold
-                labels, _ = ndimage.label(m)
-                keep = np.unique(labels[prev & m])  # the parts that continue the previous mask
-                m = np.isin(labels, keep[keep > 0])
+                if not pending:  # encode a few slices ahead together (faster than one by one)
+                    pending = [index + step * j for j in range(k, min(k + self.encode_batch, count + 1))]
+                    self._embed_many(axis, pending)
+                pending.remove(i)
+                emb = self._embedding(axis, i)
+                fbox = self._mask_box(prev, frame)
+                logits, iou = self._decode(emb, fbox[None])
+                lg = self._to_slice(logits[0], frame)
+                m = lg > self.policy.threshold
+                if m.any():  # keep the parts that continue the previous mask
+                    near = ndimage.binary_dilation(prev, iterations=max(2, int(round(0.05 * max(frame.h, frame.w)))))
+                    labels, nlab = ndimage.label(m)
+                    keep = np.unique(labels[near & m])
+                    m = np.isin(labels, keep[keep > 0])
                 done += 1
-                alive = int(m.sum()) >= min_area and float(iou[0]) >= min_iou
-                if alive:
-                    self._put(out, axis, i, m)
-                    self.last_info["propagated"] = int(self.last_info["propagated"]) + 1
-                    prev = m
-                elif stop_when_empty:
-                    done += count - k  # the rest of this direction is skipped
+                if int(m.sum()) < min_area or float(iou[0]) < min_iou:
+                    if progress is not None:
+                        progress(done, total)
+                    if stop_when_empty:
+                        done += count - k  # the rest of this direction is skipped
+                        if progress is not None:
+                            progress(done, total)
+                        break
+                    continue
+                self._put(out, axis, i, m)
+                self.last_info["propagated"] = int(self.last_info["propagated"]) + 1
+                prev = m
                 if progress is not None:
                     progress(done, total)
-                if not alive and stop_when_empty:
-                    break
         return out
 
     # ----------------------------------------------------------------------------------------
     # Click rules
     # ----------------------------------------------------------------------------------------
 
-    def _apply_click(self, state: _SliceState, emb: Tuple[torch.Tensor, ...], frame: _Frame, click: Click) -> None:
-        """Update the box of ``state`` for one new click (see the module doc); the click's
-        local constraint is applied by :meth:`_final_mask`."""
+    def _apply_click(self, state: _SliceState, emb: torch.Tensor, frame: _Frame, click: Click) -> None:
+        """Update the box / local edits of ``state`` for one new click (see the module doc)."""
         p = self.policy
         row, col, positive = click
         r, c = int(round(row)), int(round(col))
@@ -484,41 +482,51 @@ class InteractiveSession:
         if state.logits is None:
             if positive:  # a negative click alone gives nothing to segment (honoured at the end)
                 self._first_click(state, emb, frame, fx, fy)
-            state.local.append(None)
             return
         current = self._final_mask(state, frame)
-        boxed = False
-        core = 0.0
-        if current[r, c] != positive:
-            if p.core:  # the click marks the middle of what is wrong: that far from the mask's edge
-                core = min(self._distance_to(current, r, c, frame, inside=not positive), 0.5 * p.local_radius)
-            x0, y0, x1, y1 = state.box
-            in_box = x0 <= fx <= x1 and y0 <= fy <= y1
-            if positive and not in_box:
-                e = p.margin + (self._distance_to(current, r, c, frame, inside=False) if p.adaptive else 0.0)
+        if current[r, c] == positive:
+            return  # already right; the click is honoured in the final mask
+        if p.switch and self._switch_candidate(state, frame, click):
+            return
+        x0, y0, x1, y1 = state.box
+        if positive:
+            d = self._distance_to(current, r, c, frame, inside=False) if p.adaptive else 0.0
+            if not (x0 <= fx <= x1 and y0 <= fy <= y1):
+                e = p.margin + d
                 state.box = frame.clip(np.array([min(x0, fx - e), min(y0, fy - e), max(x1, fx + e), max(y1, fy + e)]))
-                boxed = True
-            elif positive and p.pos_inside == "push":
-                d = self._distance_to(current, r, c, frame, inside=False) if p.adaptive else 0.0
-                state.box = self._push(state.box, fx, fy, d, frame)
-                boxed = True
-            elif not positive and p.neg_inside == "shrink" and self._holds_positive(current, r, c, state.clicks):
-                d = self._distance_to(current, r, c, frame, inside=True) if p.adaptive else 0.0
-                shrunk = self._shrink(state.box, fx, fy, d)
-                if shrunk is not None:
-                    state.box = frame.clip(shrunk)
-                    boxed = True
-            if boxed:
                 self._decode_into(state, emb, frame)
-        state.local.append(core if p.constrain == "all" or (p.constrain == "inside" and not boxed) else None)
+            elif p.pos_inside == "threshold":
+                state.grow.append((r, c))
+            elif p.pos_inside == "push":
+                state.box = self._push(state.box, fx, fy, d, frame)
+                self._decode_into(state, emb, frame)
+            return
+        labels, _ = ndimage.label(current)
+        part = labels == labels[r, c]
+        holds_positive = any(pos and part[int(round(rr)), int(round(cc))] for rr, cc, pos in state.clicks)
+        if p.remove_parts and not holds_positive:
+            state.remove.append((r, c))  # the whole connected part
+            return
+        if p.neg_inside == "none":
+            return
+        if p.neg_inside == "shrink":
+            d = self._distance_to(current, r, c, frame, inside=True) if p.adaptive else 0.0
+            shrunk = self._shrink(state.box, fx, fy, d)
+            if shrunk is not None:
+                state.box = frame.clip(shrunk)
+                self._decode_into(state, emb, frame)
+                return
+        state.cut.append((r, c))
 
-    def _first_click(self, state: _SliceState, emb: Tuple[torch.Tensor, ...], frame: _Frame, fx: float, fy: float) -> None:
+    def _first_click(self, state: _SliceState, emb: torch.Tensor, frame: _Frame, fx: float, fy: float) -> None:
         """Candidate boxes centred on the click, chosen by the decoder's own scores, refined."""
         p = self.policy
         halves = np.asarray(p.scales, np.float64) * self.size
         boxes = np.stack([frame.clip(np.array([fx - h, fy - h, fx + h, fy + h])) for h in halves])
         logits, iou = self._decode(emb, boxes)
-        best = int(np.argmax(self._select_scores(logits, iou, frame)))
+        score = self._select_scores(logits, iou)
+        best = int(np.argmax(score))
+        state.candidates = (boxes, logits, iou.cpu().numpy())
         state.box = boxes[best]
         lg, state.iou = logits[best], float(iou[best])
         for _ in range(p.refine):
@@ -530,25 +538,34 @@ class InteractiveSession:
             lg, state.iou = out[0], float(iou2[0])
         state.logits = self._to_slice(lg, frame)
 
-    def _select_scores(self, logits: torch.Tensor, iou: torch.Tensor, frame: _Frame) -> np.ndarray:
-        """A score per first-click candidate (the highest wins), see ``ClickPolicy.select``."""
-        sel = self.policy.select
-        iou = iou.cpu().numpy()
-        if sel == "iou":
-            return iou
-        masks = (logits[:, : frame.fh, : frame.fw] > self.policy.threshold).flatten(1).float()
-        inter = masks @ masks.T
-        area = masks.sum(1)
-        agree = (inter / (area[:, None] + area[None, :] - inter).clamp(min=1)).cpu().numpy()
-        consensus = (agree.sum(1) - 1.0) / max(len(iou) - 1, 1)
-        return consensus if sel == "consensus" else consensus * iou
+    def _switch_candidate(self, state: _SliceState, frame: _Frame, click: Click) -> bool:
+        """Use another first-click candidate when it agrees with every click so far and the
+        new one (by the sign of its logit there) and the current mask does not; the one with
+        the highest predicted IoU. Returns whether it switched."""
+        if state.candidates is None:
+            return False
+        boxes, logits, iou = state.candidates
+        pts = state.clicks + [click]
+        xy = np.array([frame.to_frame(r, c) for r, c, _ in pts])
+        xs = np.clip(np.round(xy[:, 0]).astype(int), 0, frame.fw - 1)
+        ys = np.clip(np.round(xy[:, 1]).astype(int), 0, frame.fh - 1)
+        want = torch.tensor([bool(pos) for _, _, pos in pts])
+        ok = ((logits[:, ys, xs] > self.policy.threshold) == want).all(dim=1).cpu().numpy()
+        if not ok.any():
+            return False
+        k = int(np.argmax(np.where(ok, iou, -np.inf)))
+        state.box, state.iou = boxes[k], float(iou[k])
+        state.logits = self._to_slice(logits[k], frame)
+        return True
 
-    @staticmethod
-    def _holds_positive(mask: np.ndarray, r: int, c: int, clicks: Sequence[Click]) -> bool:
-        """Whether the connected part of ``mask`` at (r, c) holds a positive click."""
-        labels, _ = ndimage.label(mask)
-        k = labels[r, c]
-        return bool(k) and any(pos and labels[int(round(rr)), int(round(cc))] == k for rr, cc, pos in clicks)
+    def _select_scores(self, logits: torch.Tensor, iou: torch.Tensor) -> np.ndarray:
+        sel = self.policy.select
+        if sel == "iou":
+            return iou.cpu().numpy()
+        hi = (logits > 1.0).flatten(1).sum(1).float()
+        lo = (logits > -1.0).flatten(1).sum(1).float()
+        stability = (hi / lo.clamp(min=1)).cpu().numpy()
+        return stability if sel == "stability" else stability * iou.cpu().numpy()
 
     @staticmethod
     def _distance_to(mask: np.ndarray, r: int, c: int, frame: _Frame, inside: bool) -> float:
@@ -586,45 +603,35 @@ class InteractiveSession:
         return box
 
     def _final_mask(self, state: _SliceState, frame: _Frame) -> np.ndarray:
-        """Threshold the logits, apply the clicks' local constraints (at each click's own
-        logit, so they follow a re-decoded box), then force every click's label.
-
-        Positive clicks first add their regions; then negative clicks remove the connected
-        part they lie on when it holds no positive click (``remove_parts``), else their
-        region; finally every click pixel gets its label, in click order."""
-        p = self.policy
+        """Threshold the logits, apply the local edits (thresholds at the clicks' own logits,
+        so they follow a re-decoded box), then force every click's label."""
         lg = state.logits
-        mask = lg > p.threshold
-        clicks = [(int(round(row)), int(round(col)), pos, local) for (row, col, pos), local in zip(state.clicks, state.local)]
-        for r, c, pos, local in clicks:
-            if pos and local is not None and not mask[r, c]:
-                mask |= self._local(lg >= lg[r, c], r, c, p.local_radius, local, frame)
-        negatives = [(r, c, local) for r, c, pos, local in clicks if not pos and mask[r, c]]
-        if negatives:
+        mask = lg > self.policy.threshold
+        radius = self.policy.local_radius
+        for r, c in state.grow:
+            mask |= self._local(lg >= lg[r, c], r, c, radius, frame)
+        for r, c in state.cut:
+            mask &= ~self._local(lg <= lg[r, c], r, c, radius, frame)
+        if state.remove:
             labels, _ = ndimage.label(mask)
-            positive_parts = {labels[r, c] for r, c, pos, _ in clicks if pos} - {0}
-            cut = np.zeros_like(mask)
-            for r, c, local in negatives:
-                if p.remove_parts and labels[r, c] not in positive_parts:
-                    cut |= labels == labels[r, c]
-                elif local is not None:
-                    cut |= self._local(lg <= lg[r, c], r, c, p.local_radius, local, frame)
-            mask &= ~cut
-        rad = p.click_radius
-        for r, c, pos, _ in clicks:
-            mask[max(r - rad, 0) : r + rad + 1, max(c - rad, 0) : c + rad + 1] = pos
+            for r, c in state.remove:
+                if mask[r, c]:
+                    mask &= labels != labels[r, c]
+        rad = self.policy.click_radius
+        for row, col, positive in state.clicks:
+            r, c = int(round(row)), int(round(col))
+            mask[max(r - rad, 0) : r + rad + 1, max(c - rad, 0) : c + rad + 1] = bool(positive)
         return mask
 
     @staticmethod
-    def _local(candidates: np.ndarray, r: int, c: int, radius: float, core: float, frame: _Frame) -> np.ndarray:
-        """The connected part of ``candidates`` plus the disk of radius ``core`` around (r, c)
-        that holds (r, c), within ``radius`` (frame pixels)."""
+    def _local(candidates: np.ndarray, r: int, c: int, radius: float, frame: _Frame) -> np.ndarray:
+        """The connected part of ``candidates`` holding (r, c), within ``radius`` frame pixels."""
         h, w = candidates.shape
         ry, rx = int(math.ceil(radius / frame.ky)), int(math.ceil(radius / frame.kx))
         r0, r1, c0, c1 = max(r - ry, 0), min(r + ry + 1, h), max(c - rx, 0), min(c + rx + 1, w)
         yy, xx = np.ogrid[r0:r1, c0:c1]
-        d2 = ((yy - r) * frame.ky) ** 2 + ((xx - c) * frame.kx) ** 2
-        window = (candidates[r0:r1, c0:c1] | (d2 <= core**2)) & (d2 <= radius**2)
+        disk = ((yy - r) * frame.ky) ** 2 + ((xx - c) * frame.kx) ** 2 <= radius**2
+        window = candidates[r0:r1, c0:c1] & disk
         window[r - r0, c - c0] = True
         labels, _ = ndimage.label(window)
         out = np.zeros((h, w), bool)
@@ -635,17 +642,22 @@ class InteractiveSession:
     # Model
     # ----------------------------------------------------------------------------------------
 
-    def _decode_into(self, state: _SliceState, emb: Tuple[torch.Tensor, ...], frame: _Frame) -> None:
+    def _decode_into(self, state: _SliceState, emb: torch.Tensor, frame: _Frame) -> None:
         logits, iou = self._decode(emb, state.box[None])
         state.logits = self._to_slice(logits[0], frame)
         state.iou = float(iou[0])
 
-    def _decode(self, prepared: Tuple[torch.Tensor, ...], boxes: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    @torch.inference_mode()
+    def _decode(self, emb: torch.Tensor, boxes: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Frame boxes (K, 4) xyxy -> (K, 256, 256) logits in the frame and (K,) predicted IoU,
         in one mask-decoder call."""
-        b = torch.as_tensor(np.asarray(boxes, np.float32), device=self.device).reshape(-1, 4)
-        logits, iou = self._decoder(prepared, b)
-        return logits.float(), iou.float()
+        b = torch.as_tensor(np.asarray(boxes, np.float32), device=self.device).reshape(-1, 1, 4)
+        sparse, dense = self.net.prompt_encoder(points=None, boxes=b, masks=None)
+        logits, iou = self.net.mask_decoder(
+            image_embeddings=emb, image_pe=self._pe, sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        return logits[:, 0].float(), iou[:, 0].float()
 
     @torch.inference_mode()
     def _to_slice(self, frame_logits: torch.Tensor, frame: _Frame) -> np.ndarray:
@@ -702,19 +714,13 @@ class InteractiveSession:
         while len(self._embeddings) > self.max_slices:
             self._embeddings.popitem(last=False)
 
-    def _embedding(self, axis: int, index: int) -> Tuple[torch.Tensor, ...]:
-        """The slice's embedding (computed once, then cached), made ready for the decoder
-        (:meth:`_BoxDecoder.prepare`, kept for the last few slices)."""
+    def _embedding(self, axis: int, index: int) -> torch.Tensor:
+        """The (1, 256, 64, 64) float32 embedding of a slice (computed once, then cached)."""
         key = (axis, index)
         if key not in self._embeddings:
             self._embed_many(axis, [index])
         self._embeddings.move_to_end(key)
-        if key not in self._prepared:
-            self._prepared[key] = self._decoder.prepare(self._embeddings[key].to(self.device, torch.float32))
-            while len(self._prepared) > 4:
-                self._prepared.popitem(last=False)
-        self._prepared.move_to_end(key)
-        return self._prepared[key]
+        return self._embeddings[key].to(self.device, torch.float32)
 
     @staticmethod
     def _put(volume: np.ndarray, axis: int, index: int, mask: np.ndarray) -> None:
