@@ -175,6 +175,11 @@ def test_stop_then_resume_continues_the_metrics_without_duplicates(normal, cohor
     run = runner.TrainingRun(config, env=ENV, stop_timeout=60.0)
     run.start()
     seen = wait_until(run, lambda new: any(isinstance(e, runner.EpochEvent) for e in new))
+    # the epoch line comes just before last.pt is written: stop once the checkpoint is there
+    deadline = time.time() + 60
+    while not (output / "last.pt").is_file() and time.time() < deadline:
+        seen += run.poll()
+        time.sleep(0.05)
     assert run.state == runner.RunState.RUNNING, f"the run ended before it could be stopped: {run.reason}"
     run.stop()
     assert run.state == runner.RunState.STOPPING
