@@ -145,6 +145,45 @@ def test_blockwise_inference_matches_one_block():
     assert float((blocks - whole).abs().mean()) < 2e-3 and float((blocks - whole).abs().max()) < 0.05
 
 
+def test_image_branch_reads_the_image_at_full_resolution():
+    torch.manual_seed(0)
+    model = SlicingSAM3D(StudentConfig(embed_dim=16, channels=(8, 4), block_depth=64, image_channels=4)).eval()
+    emb = torch.randn(16, 12, 8, 8)
+    image = torch.rand(12, 24, 24)
+    whole = model.infer(emb, (24, 24), image=image)
+    with torch.no_grad():
+        direct = torch.sigmoid(model(emb[None], None, image[None, None]))[0]
+        assert direct.shape == (1, 12, 24, 24)  # out_size defaults to the image's
+        # one changed pixel changes the output around it, at full resolution
+        image2 = image.clone()
+        image2[5, 10, 10] += 1.0
+        diff = (torch.sigmoid(model(emb[None], (24, 24), image2[None, None]))[0] - direct).abs()[0]
+    torch.testing.assert_close(whole, direct, atol=1e-5, rtol=1e-5)
+    changed = torch.nonzero(diff > 0)
+    assert len(changed) > 0 and changed[:, 1].min() >= 10 - 3 and changed[:, 1].max() <= 10 + 3
+    model.config.block_depth = 6  # blocks cut the image along depth like the embeddings
+    blocks = model.infer(emb, (24, 24), image=image)
+    assert float((blocks - whole).abs().mean()) < 2e-3
+    # tell the caller what is missing or mismatched
+    with pytest.raises(ValueError, match="image branch"):
+        model.infer(emb, (24, 24))
+    with pytest.raises(ValueError, match="does not match"):
+        model.infer(emb, (24, 24), image=torch.rand(11, 24, 24))
+    with pytest.raises(ValueError, match="out_size"):
+        model(emb[None], (32, 32), image[None, None])
+    with pytest.raises(ValueError, match="image_channels"):
+        StudentConfig(image_channels=-1)
+
+
+def test_image_branch_student_round_trips(tmp_path):
+    model = SlicingSAM3D(StudentConfig(embed_dim=16, channels=(8, 4), image_channels=4))
+    model.save(tmp_path / "s.pt")
+    again, _ = load_student(tmp_path / "s.pt")
+    assert again.uses_image and again.config.image_channels == 4
+    emb, image = torch.randn(16, 5, 8, 8), torch.rand(5, 16, 16)
+    torch.testing.assert_close(again.infer(emb, (16, 16), image=image), model.infer(emb, (16, 16), image=image))
+
+
 def test_student_trains_on_a_phantom(small_sam):
     case = make_phantom(3, (64, 64, 64))
     config = PreprocessConfig(target_shape=(24, 64, 64), target_spacing=(0.8, 0.8, 0.8))

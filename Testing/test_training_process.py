@@ -16,6 +16,7 @@ so a hang fails the test instead of blocking CI.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -730,3 +732,25 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny: Tiny, tmp_path: Path
     state = read_state(tmp_path / "run" / "last.pt")
     assert state["phase"] == 2 and state["opt_steps"] == 1 * -(-steps["finetune"] // 2)  # ceil: the last, odd micro-batch steps too
     assert state["ema"]["updates"] == 2 * -(-steps["warmup"] // 2) + state["opt_steps"]
+
+
+def test_image_branch_student_trains_in_every_phase_and_segments(tiny: Tiny, tmp_path: Path):
+    """student.image_channels > 0: every phase feeds the decoder the (flipped, cropped) image
+    blocks with the embeddings; the checkpoint segments a volume (with TTA and uncertainty)."""
+    from semisam.inference import Segmenter
+    from semisam.volume import read_volume
+
+    config = write_train_config(tmp_path, tiny.cohort, tiny.cache, phases=TINY_PHASES, student={"image_channels": 4})
+    done = run_to_end(train_cmd(config, "--progress", "json"), tmp_path, "image_branch")
+    records = done.check_ok()
+    assert_cache_hit(records, tiny)
+    final = [r for r in records if r["type"] == "final"][-1]
+    assert final["status"] == "finished"
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert {r["phase"] for r in epochs} == {0, 1, 2} and all(math.isfinite(r["losses"]["total"]) for r in epochs)
+    segmenter = Segmenter(tmp_path / "run" / "best.pt")
+    assert segmenter.student.uses_image and segmenter.student.config.image_channels == 4
+    volume = read_volume(next((tiny.cohort / "imagesVal").glob("*.nii.gz")), "image")
+    seg = segmenter.segment(volume, uncertainty=True, tta=True)
+    assert seg.label.shape == volume.shape and seg.uncertainty is not None
+    assert np.isfinite(seg.probability.array).all() and float(seg.uncertainty.array.max()) >= 0.0

@@ -55,6 +55,7 @@ class StudentSection:
     block_depth: int = 16  # D_s: slices per training block and per inference block
     block_overlap: float = 0.5  # overlap of inference blocks (fraction of D_s)
     context: int = 0  # dilated in-plane blocks after the stem (dilation 2, 4, ...: a wider field of view)
+    image_channels: int = 0  # width of a full-resolution image branch joined before the head (0: embeddings only)
 
 
 @dataclass
@@ -272,6 +273,7 @@ def _check(cfg: TrainConfig, problems: List[str]) -> None:
     need(s.block_depth >= 1, "student.block_depth", "must be >= 1", s.block_depth)
     need(0 <= s.block_overlap < 1, "student.block_overlap", "must be in [0, 1)", s.block_overlap)
     need(s.context >= 0, "student.context", "must be >= 0", s.context)
+    need(s.image_channels >= 0, "student.image_channels", "must be >= 0", s.image_channels)
     d = cfg.data
     need(d.batch_size >= 1, "data.batch_size", "must be >= 1", d.batch_size)
     need(0 < d.labeled_fraction <= 1, "data.labeled_fraction", "must be in (0, 1]", d.labeled_fraction)

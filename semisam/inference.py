@@ -71,11 +71,13 @@ def segment_volume(
     pre, record = preprocess(volume, preprocess_config or PreprocessConfig())
     emb = cache.embed(pre.array, encoder).float().permute(1, 0, 2, 3)  # (C, D, G, G)
     size = pre.shape[1:]
-    probs = student.infer(emb, size, device)
+    image = torch.from_numpy(np.ascontiguousarray(pre.array, dtype=np.float32)) if student.uses_image else None
+    probs = student.infer(emb, size, device, image)
     views = [probs]
     if tta or uncertainty:
         for dims in ((1,), (2,), (3,)):  # depth, rows, columns of (C, D, G, G) and of (K', D, H, W)
-            views.append(torch.flip(student.infer(torch.flip(emb, dims), size, device), dims))
+            flipped = None if image is None else torch.flip(image, (dims[0] - 1,))  # the same axis of (D, H, W)
+            views.append(torch.flip(student.infer(torch.flip(emb, dims), size, device, flipped), dims))
     if tta:
         probs = torch.stack(views).mean(dim=0)
     # Probabilities go back to the input grid (linear) and are thresholded there: smoother

@@ -381,7 +381,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         scfg = StudentConfig(
             embed_dim=int(self.labeled[0].emb.shape[1]), channels=tuple(s.channels), num_labels=self.num_labels,
-            block_depth=s.block_depth, block_overlap=s.block_overlap, context=s.context, encoder=self.encoder.name, encoder_id=self.encoder.weights_id,
+            block_depth=s.block_depth, block_overlap=s.block_overlap, context=s.context, image_channels=s.image_channels, encoder=self.encoder.name, encoder_id=self.encoder.weights_id,
         )
         self.student = SlicingSAM3D(scfg).to(self.device)
         self.ema = EMATeacher(self.student, cfg.loss.ema_decay)
@@ -451,9 +451,13 @@ class Trainer:
     def _coarse(self, item: Item) -> np.ndarray:
         """The student's coarse label map on a whole volume (blockwise, Algorithm 1)."""
         emb = item.emb.float().permute(1, 0, 2, 3)
-        probs = self.student.infer(emb, item.image.shape[1:], self.device)
+        probs = self.student.infer(emb, item.image.shape[1:], self.device, self._image(item))
         self.student.train()
         return probs_to_label(probs)
+
+    def _image(self, item: Item) -> Optional[torch.Tensor]:
+        """The training-grid image for a student with an image branch, else None."""
+        return torch.from_numpy(item.image) if self.student.uses_image else None
 
     def _refresh_pseudo(self, t_epoch: int, force: bool) -> Optional[Dict[str, Any]]:
         """Recompute due pseudo-labels (each rank a share, results gathered by everyone)."""
@@ -567,11 +571,13 @@ class Trainer:
             t_semi = (global_epoch - 1 - semi_start) + step / max(len(batches), 1)  # epochs since phase 1 began
             lam = consistency_weight(t_semi, cfg.loss.lambda_max, cfg.loss.ramp_up) if phase > 0 else 0.0
             beta = pseudo_weight(t_semi, cfg.loss.beta_max, cfg.loss.ramp_down) if phase > 0 else 0.0
-            xs, labels, pseudo, conf, is_lab, has_pseudo = [], [], [], [], [], []
+            xs, imgs, labels, pseudo, conf, is_lab, has_pseudo = [], [], [], [], [], [], []
             for idx in batch:
                 it = items[idx]
                 geo = draw_geometry(rng, it.image.shape[0], block, cfg, square and g == it.emb.shape[-2])
                 xs.append(apply_geometry(it.emb, geo, block, True).float())
+                if self.student.uses_image:  # the same crop and flips as the embeddings
+                    imgs.append(apply_geometry(torch.from_numpy(it.image), geo, block, False)[None])
                 tg = self._targets(it)
                 lab = it.role == "labeled"
                 is_lab.append(lab)
@@ -583,12 +589,13 @@ class Trainer:
                 conf.append(torch.stack([apply_geometry(c, geo, block, False) for c in tg["conf"]]) if hp else torch.zeros((k, block, *out_size)))
             x = torch.stack(xs).to(self.device)
             x_s = perturb(x, cfg.augment.feature_noise, cfg.augment.feature_dropout, gen)
+            img = torch.stack(imgs).to(self.device) if imgs else None
             micro = step % accum
             last_micro = micro == accum - 1 or step == len(batches) - 1
             sync = self.model.no_sync() if (self.dist.enabled and not last_micro) else contextlib.nullcontext()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                    logits = self.model(x_s, out_size)
+                    logits = self.model(x_s, out_size, img)
                 logits = logits.float()
                 probs = self.student.probabilities(logits)
                 lab_mask = torch.tensor(is_lab)
@@ -598,7 +605,7 @@ class Trainer:
                     terms["sup"] = self.sup_loss(logits[lab_mask.to(self.device)], y[lab_mask.to(self.device)])
                 if phase > 0 and cfg.loss.lambda_max > 0:
                     with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                        p_t = self.student.probabilities(self.ema.model(x, out_size).float())
+                        p_t = self.student.probabilities(self.ema.model(x, out_size, img).float())
                     terms["con"] = consistency_loss(probs, p_t)
                 if phase > 0:
                     hp = torch.tensor(has_pseudo)
@@ -651,7 +658,7 @@ class Trainer:
             return None, None
         dices, hds = [], []
         for it in self.validation:
-            probs = self.ema.model.infer(it.emb.float().permute(1, 0, 2, 3), it.image.shape[1:], self.device)
+            probs = self.ema.model.infer(it.emb.float().permute(1, 0, 2, 3), it.image.shape[1:], self.device, self._image(it))
             pred = probs_to_label(probs)
             if self.cfg.validation.largest_component:
                 pred = keep_largest_component(pred)

@@ -34,6 +34,11 @@ class StudentConfig:
         block_depth: D_s, slices per inference block.
         context: residual blocks with in-plane dilation 2, 4, ... at the embedding grid; they
             widen the decoder's in-plane field of view (5 -> 17 tokens with 2) at little cost.
+        image_channels: width of an image branch (two 3x3x3 convolutions over the preprocessed
+            image, on the output grid) concatenated with the last decoder stage and fused
+            pointwise (1x1x1 convolution, norm, activation) before the head. The embedding grid is 4 input pixels per token
+            (LiteMedSAM at 256^2): the branch gives the decoder the image's own edges. 0 = off;
+            the student then needs only embeddings.
         block_overlap: overlap of neighbouring blocks (fraction of D_s).
         encoder: name of the frozen encoder the student was trained on.
         encoder_id: identity of that encoder's weights and input normalisation; inference
@@ -46,6 +51,7 @@ class StudentConfig:
     block_depth: int = 16
     block_overlap: float = 0.5
     context: int = 0  # dilated in-plane residual blocks after the stem (dilation 2, 4, ...): a wider field of view
+    image_channels: int = 0  # > 0: a full-resolution branch over the preprocessed image joins before the head
     encoder: str = "litemedsam"
     encoder_id: str = ""  # the encoder's weights id (SliceEncoder.weights_id); "" = not recorded
 
@@ -55,6 +61,8 @@ class StudentConfig:
             raise ValueError("num_labels must be >= 1")
         if self.context < 0:
             raise ValueError("context must be >= 0")
+        if self.image_channels < 0:
+            raise ValueError("image_channels must be >= 0")
         if self.block_depth < 1 or not 0 <= self.block_overlap < 1:
             raise ValueError("block_depth must be >= 1 and block_overlap in [0, 1)")
 
@@ -119,6 +127,12 @@ class SlicingSAM3D(nn.Module):
             *[_Context(c[0], 2 ** (i + 1)) for i in range(self.config.context)],
         )
         self.stages = nn.ModuleList(_block(cin, cout) for cin, cout in zip(c[:-1], c[1:]))
+        ci = self.config.image_channels
+        if ci > 0:
+            self.image_branch = nn.Sequential(_block(1, ci), _block(ci, ci))
+            self.fuse = nn.Sequential(  # pointwise: the full-resolution grid is the costly one
+                nn.Conv3d(c[-1] + ci, c[-1], kernel_size=1, bias=False), ChannelNorm(c[-1]), nn.LeakyReLU(0.01, inplace=True),
+            )
         self.head = nn.Conv3d(c[-1], self.config.out_channels, kernel_size=1)
         with torch.no_grad():  # structures are rare: start near a small foreground prior (p = 0.05)
             if self.config.out_channels == 1:
@@ -127,9 +141,26 @@ class SlicingSAM3D(nn.Module):
                 self.head.bias.zero_()
                 self.head.bias[0] = 3.0
 
-    def forward(self, embeddings: torch.Tensor, out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    @property
+    def uses_image(self) -> bool:
+        """True when the decoder also reads the preprocessed image (``image_channels > 0``)."""
+        return self.config.image_channels > 0
+
+    def forward(self, embeddings: torch.Tensor, out_size: Optional[Tuple[int, int]] = None, image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``embeddings`` (B, C, D, G, G); ``image`` (B, 1, D, H, W), the preprocessed slices the
+        embeddings came from, required when the student has an image branch (then
+        ``out_size`` defaults to its in-plane size)."""
         if embeddings.ndim != 5 or embeddings.shape[1] != self.config.embed_dim:
             raise ValueError(f"expected (B, {self.config.embed_dim}, D, G, G) embeddings, got {tuple(embeddings.shape)}")
+        if self.uses_image:
+            if image is None:
+                raise ValueError("this student has an image branch: pass the preprocessed image (B, 1, D, H, W) with its embeddings")
+            if image.ndim != 5 or image.shape[1] != 1 or image.shape[0] != embeddings.shape[0] or image.shape[2] != embeddings.shape[2]:
+                raise ValueError(f"image {tuple(image.shape)} does not match embeddings {tuple(embeddings.shape)}: expected (B, 1, D, H, W)")
+            if out_size is None:
+                out_size = tuple(image.shape[-2:])
+            elif tuple(out_size) != tuple(image.shape[-2:]):
+                raise ValueError(f"out_size {tuple(out_size)} differs from the image's in-plane size {tuple(image.shape[-2:])}")
         x = self.stem(embeddings.float())
         for stage in self.stages:
             # x2 in-plane per stage, but never beyond the output grid (depth is left alone)
@@ -138,6 +169,10 @@ class SlicingSAM3D(nn.Module):
             if (th, tw) != (h, w):
                 x = F.interpolate(x, size=(x.shape[2], th, tw), mode="trilinear", align_corners=False)
             x = stage(x)
+        if self.uses_image:
+            if tuple(x.shape[-2:]) != tuple(out_size):
+                x = F.interpolate(x, size=(x.shape[2], *out_size), mode="trilinear", align_corners=False)
+            x = self.fuse(torch.cat([x, self.image_branch(image.to(x.dtype))], dim=1))
         x = self.head(x)
         if out_size is not None and tuple(x.shape[-2:]) != tuple(out_size):
             x = F.interpolate(x, size=(x.shape[2], *out_size), mode="trilinear", align_corners=False)
@@ -148,8 +183,9 @@ class SlicingSAM3D(nn.Module):
         return torch.sigmoid(logits) if self.config.out_channels == 1 else torch.softmax(logits, dim=1)
 
     @torch.inference_mode()
-    def infer(self, embeddings: torch.Tensor, out_size: Tuple[int, int], device: str | torch.device = "cpu") -> torch.Tensor:
-        """Blockwise inference over depth (Algorithm 1) on ``(C, D, G, G)`` embeddings.
+    def infer(self, embeddings: torch.Tensor, out_size: Tuple[int, int], device: str | torch.device = "cpu", image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Blockwise inference over depth (Algorithm 1) on ``(C, D, G, G)`` embeddings (and the
+        ``(D, H, W)`` preprocessed image for a student with an image branch).
 
         Returns probabilities ``(K', D, H, W)`` (float32, CPU). Blocks of ``block_depth``
         slices overlap by ``block_overlap`` and are blended with Gaussian weights along depth.
@@ -161,8 +197,19 @@ class SlicingSAM3D(nn.Module):
         d, g = emb.shape[2], emb.shape[-1]
         roi = (min(self.config.block_depth, d), emb.shape[-2], g)
 
-        def predictor(x: torch.Tensor) -> torch.Tensor:
-            return self.probabilities(self(x.to(device), out_size))
+        if self.uses_image:
+            if image is None:
+                raise ValueError("this student has an image branch: pass the preprocessed image (D, H, W) to infer()")
+            img = torch.as_tensor(image).float()
+            img = img.reshape(1, 1, *img.shape[-3:])
+            if img.shape[2] != d or tuple(img.shape[-2:]) != tuple(out_size):
+                raise ValueError(f"image {tuple(img.shape[-3:])} does not match {d} slices of {tuple(out_size)}")
+
+        def predictor(x: torch.Tensor, coords=None) -> torch.Tensor:
+            block = None
+            if coords is not None:  # the window's depth range (MONAI's with_coord); in-plane is whole
+                block = torch.cat([img[:, :, c[2]] for c in coords]).to(device)
+            return self.probabilities(self(x.to(device), out_size, block))
 
         # The predictor's output is (H/G)x larger in-plane; MONAI scales the windows to match.
         for n_out, n_in in zip(out_size, emb.shape[-2:]):
@@ -173,7 +220,7 @@ class SlicingSAM3D(nn.Module):
         probs = sliding_window_inference(
             emb.float(), roi_size=roi, sw_batch_size=1, predictor=predictor,
             overlap=self.config.block_overlap, mode="gaussian", sigma_scale=(0.125, 1e3, 1e3),
-            sw_device=device, device="cpu",
+            sw_device=device, device="cpu", with_coord=self.uses_image,
         )
         return probs[0].float()
 
