@@ -36,9 +36,9 @@ class StudentConfig:
             widen the decoder's in-plane field of view (5 -> 17 tokens with 2) at little cost.
         image_channels: width of an image branch (two 3x3x3 convolutions over the preprocessed
             image, on the output grid) concatenated with the last decoder stage and fused
-            pointwise (1x1x1 convolution, norm, activation) before the head. The embedding grid is 4 input pixels per token
-            (LiteMedSAM at 256^2): the branch gives the decoder the image's own edges. 0 = off;
-            the student then needs only embeddings.
+            pointwise (1x1x1 convolution, norm, activation) before the head. A token of the
+            embedding grid covers 4 input pixels (LiteMedSAM at 256^2); the branch gives the
+            decoder the image's own edges. 0 = off: the student needs only embeddings.
         block_overlap: overlap of neighbouring blocks (fraction of D_s).
         encoder: name of the frozen encoder the student was trained on.
         encoder_id: identity of that encoder's weights and input normalisation; inference
