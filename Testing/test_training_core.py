@@ -18,7 +18,7 @@ from semisam.losses import (
 )
 from semisam.models.student import SlicingSAM3D, StudentConfig
 from semisam.training import (
-    BlockGeometry, amp_settings, apply_geometry, dice_hd95, draw_geometry, perturb, probs_to_label, split_validation,
+    BlockGeometry, amp_settings, apply_geometry, crop_windows, dice_hd95, draw_geometry, perturb, probs_to_label, split_validation,
 )
 
 
@@ -174,6 +174,38 @@ def test_draw_geometry_respects_the_switches():
     assert not any(g.transpose for g in geos) and any(g.flip_x for g in geos)
 
 
+def test_crop_windows_keep_the_pixel_window_exact():
+    assert crop_windows((64, 64), (96, 96), 48) == [(2, 48), (2, 48)]  # 1.5 px per token: even offsets and widths
+    assert crop_windows((64, 64), (96, 96), 47) == [(2, 46), (2, 46)]
+    assert crop_windows((64, 64), (128, 100), 40) == [(1, 40), (16, 32)]  # 100/64 = 25/16
+    assert crop_windows((64, 64), (96, 96), 64) == [None, None]  # not smaller than the grid: whole slices
+    assert crop_windows((64, 64), (96, 100), 10) == [(2, 10), None]  # 16 tokens would be needed on x
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_inplane_crop_moves_embeddings_and_targets_together(seed):
+    """A target that is its embedding grid upsampled x2 stays so after crop + flips."""
+    cfg = TrainConfig(dataset="x")
+    cfg.augment.inplane_crop = 5
+    rng = np.random.default_rng(seed)
+    tokens = torch.from_numpy(rng.integers(0, 2, (10, 8, 8)).astype(np.uint8))
+    target = tokens.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # (z, 16, 16)
+    emb = torch.stack([tokens.float(), 1 - tokens.float()], dim=1)
+    seen = set()
+    for _ in range(20):
+        geo = draw_geometry(rng, 10, 4, cfg, True, (8, 8), (16, 16))
+        assert geo.tokens is not None and geo.pixels == tuple(2 * v for v in geo.tokens)
+        assert geo.tokens[1] - geo.tokens[0] == 5 and geo.tokens[3] - geo.tokens[2] == 5
+        block = apply_geometry(emb, geo, 4, channels_first=True)
+        tblock = apply_geometry(target, geo, 4, channels_first=False)
+        assert block.shape == (2, 4, 5, 5) and tblock.shape == (4, 10, 10)
+        assert torch.equal(block[0].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2), tblock.float())
+        seen.add(geo.tokens)
+    assert len(seen) > 3  # the window moves
+    cfg.augment.inplane_crop = 0
+    assert draw_geometry(rng, 10, 4, cfg, True, (8, 8), (16, 16)).tokens is None
+
+
 def test_perturb_gains_and_channel_dropout():
     x = torch.ones((2, 64, 4, 3, 3))
     y = perturb(x, 0.1, 0.25, torch.Generator().manual_seed(0))
@@ -221,6 +253,7 @@ def test_probs_to_label_and_amp():
     assert probs_to_label(p3).tolist() == [[[2]]]
     assert amp_settings("off", torch.device("cpu")) == (None, False)
     assert amp_settings("auto", torch.device("cuda")) == (torch.float16, True)
+    assert amp_settings("auto", torch.device("cpu")) == (None, False)  # bf16 backward is not safe on every CPU
     assert amp_settings("bf16", torch.device("cpu")) == (torch.bfloat16, False)
 
 

@@ -660,6 +660,8 @@ def test_init_config_is_accepted_by_load_config_with_overrides(cohort: Path, tmp
         load_config(path, _overrides(["phases.warmup.epochz=1"]))
     with pytest.raises(ConfigError, match=r"phases\.warmup\.epochs: must be a whole number"):
         load_config(path, _overrides(["phases.warmup.epochs=one"]))
+    with pytest.raises(ConfigError, match=r"augment\.inplane_crop: must be an integer >= 0"):
+        load_config(path, _overrides(["augment.inplane_crop=-8"]))
 
 
 def test_scientific_notation_is_a_number(cohort: Path, tmp_path: Path):
@@ -754,3 +756,32 @@ def test_image_branch_student_trains_in_every_phase_and_segments(tiny: Tiny, tmp
     seg = segmenter.segment(volume, uncertainty=True, tta=True)
     assert seg.label.shape == volume.shape and seg.uncertainty is not None
     assert np.isfinite(seg.probability.array).all() and float(seg.uncertainty.array.max()) >= 0.0
+
+
+def test_inplane_crop_trains_on_crops_and_segments_whole_slices(tiny: Tiny, tmp_path: Path, monkeypatch):
+    """augment.inplane_crop: every training step decodes a random in-plane crop of the
+    embeddings (40 of 64 tokens -> 20 of 32 pixels on this grid) with targets cropped to
+    match; validation and segmentation still decode whole slices."""
+    from semisam.config import load_config
+    from semisam.inference import Segmenter
+    from semisam.models.student import SlicingSAM3D
+    from semisam.training import Trainer
+    from semisam.volume import read_volume
+
+    calls: List[tuple] = []
+    forward = SlicingSAM3D.forward
+
+    def spy(self, embeddings, out_size=None, image=None):
+        calls.append((torch.is_grad_enabled(), tuple(embeddings.shape[-2:]), tuple(out_size) if out_size is not None else None))
+        return forward(self, embeddings, out_size, image)
+
+    monkeypatch.setattr(SlicingSAM3D, "forward", spy)
+    config = write_train_config(tmp_path, tiny.cohort, tiny.cache, phases=(1, 1, 1), augment={"inplane_crop": 40})
+    summary = Trainer(load_config(config), progress="none").run()
+    training = {(g, o) for grad, g, o in calls if grad}
+    assert training == {((40, 40), (20, 20))}, training
+    assert ((64, 64), (32, 32)) in {(g, o) for grad, g, o in calls if not grad}  # validation: whole slices
+    segmenter = Segmenter(Path(summary["best_checkpoint"]))
+    volume = read_volume(next((tiny.cohort / "imagesVal").glob("*.nii.gz")), "image")
+    seg = segmenter.segment(volume)
+    assert seg.label.shape == volume.shape and np.isfinite(seg.probability.array).all()

@@ -73,6 +73,7 @@ class AugmentSection:
     inplane_flip: bool = True  # flip/transpose embeddings and targets in-plane together
     feature_noise: float = 0.1  # std of multiplicative Gaussian noise on the student's embeddings
     feature_dropout: float = 0.1  # dropout probability on the student's embeddings
+    inplane_crop: int = 0  # > 0: train on random in-plane crops of about this many embedding tokens per side (0 = whole slices): cheaper steps, shifted views
 
 
 @dataclass
@@ -282,6 +283,7 @@ def _check(cfg: TrainConfig, problems: List[str]) -> None:
     a = cfg.augment
     need(a.feature_noise >= 0, "augment.feature_noise", "must be >= 0", a.feature_noise)
     need(0 <= a.feature_dropout < 1, "augment.feature_dropout", "must be in [0, 1)", a.feature_dropout)
+    need(a.inplane_crop >= 0, "augment.inplane_crop", "must be an integer >= 0 (embedding tokens per side; 0 = whole slices)", a.inplane_crop)
     known = set(catalogue())
     teachers = {"litemedsam", "medsam-vit-b", "sam-vit-b", "sam-med3d", "sam-med3d-turbo", "medsam2"} & (known | {"litemedsam"})
     for i, t in enumerate(cfg.pseudo.teachers):

@@ -51,7 +51,7 @@ from .ema import EMATeacher
 from .inference import keep_largest_component
 from .errors import SemiSAMError
 from .losses import SupervisedLoss, consistency_loss, consistency_weight, pseudo_weight, region_consistency_loss
-from .models.encoders import EmbeddingCache, SliceEncoder, bf16_supported
+from .models.encoders import EmbeddingCache, SliceEncoder
 from .models.student import SlicingSAM3D, StudentConfig
 from .preprocess import PreprocessConfig, apply_to_label, preprocess
 from .progress import MetricsLog, Progress, plot_curves
@@ -210,13 +210,15 @@ def build_teachers(cfg: TrainConfig, encoder: SliceEncoder, litemedsam_net, cach
 
 def amp_settings(mode: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
     """(autocast dtype or None, use a GradScaler). auto: CUDA fp16 + GradScaler (Volta has no
-    bf16); CPU bf16 where the CPU runs it natively (measured ~2x faster for the decoder), else fp32."""
+    bf16); CPU fp32. bf16 on the CPU (``optim.amp: bf16``) is ~1.5x faster for the decoder on
+    AMX CPUs, but oneDNN's bf16 conv3d backward gave NaN losses (and hung) there for an
+    8-channel last stage, so it is opt-in, not the default."""
     if mode == "off":
         return None, False
     if mode == "auto":
         if device.type == "cuda":
             return torch.float16, True
-        return (torch.bfloat16 if bf16_supported() else None), False
+        return None, False
     if mode == "fp16":
         return torch.float16, device.type == "cuda"
     return torch.bfloat16, False
@@ -234,21 +236,63 @@ class BlockGeometry:
     flip_y: bool
     flip_x: bool
     transpose: bool
+    tokens: Optional[Tuple[int, int, int, int]] = None  # in-plane crop (y0, y1, x0, x1) on the embedding grid
+    pixels: Optional[Tuple[int, int, int, int]] = None  # the same window on the image/target grid
 
 
-def draw_geometry(rng: np.random.Generator, depth: int, block: int, cfg: TrainConfig, square: bool) -> BlockGeometry:
+def crop_windows(grid: Tuple[int, int], size: Tuple[int, int], crop: int) -> List[Optional[Tuple[int, int]]]:
+    """Per in-plane axis, ``(step, tokens)`` of a random crop of about ``crop`` embedding tokens
+    whose pixel window on the ``size`` grid is exact, or None where the axis is not cropped.
+
+    A token covers ``size / grid`` pixels (the encoder resizes each slice to its square input), so
+    token offsets and the crop's width are multiples of that ratio's denominator (96 px over 64
+    tokens: multiples of 2 tokens = 3 px). An axis is left whole when the crop would not be
+    smaller than the grid."""
+    from fractions import Fraction
+
+    out: List[Optional[Tuple[int, int]]] = []
+    for g, n in zip(grid, size):
+        q = Fraction(int(n), int(g)).denominator
+        c = (min(int(crop), int(g)) // q) * q
+        out.append((q, c) if 0 < c < g else None)
+    return out
+
+
+def draw_geometry(rng: np.random.Generator, depth: int, block: int, cfg: TrainConfig, square: bool,
+                  grid: Optional[Tuple[int, int]] = None, size: Optional[Tuple[int, int]] = None) -> BlockGeometry:
+    """A random depth block with flips and, when ``cfg.augment.inplane_crop`` > 0 (and the
+    embedding ``grid`` and pixel ``size`` are given), a random in-plane crop."""
     a = cfg.augment
     start = int(rng.integers(0, depth - block + 1))
     flips = rng.random(4) < 0.5
+    tokens = pixels = None
+    if a.inplane_crop > 0 and grid is not None and size is not None:
+        windows = crop_windows(grid, size, a.inplane_crop)
+        if any(w is not None for w in windows):
+            t, px = [], []
+            for w, g, n in zip(windows, grid, size):
+                if w is None:
+                    t += [0, g]
+                    px += [0, n]
+                    continue
+                q, c = w
+                t0 = int(rng.integers(0, (g - c) // q + 1)) * q
+                t += [t0, t0 + c]
+                px += [t0 * n // g, (t0 + c) * n // g]
+            tokens, pixels = tuple(t), tuple(px)
+            square = square and (t[1] - t[0]) == (t[3] - t[2]) and (px[1] - px[0]) == (px[3] - px[2])
     return BlockGeometry(
         start, bool(a.depth_flip and flips[0]), bool(a.inplane_flip and flips[1]),
-        bool(a.inplane_flip and flips[2]), bool(a.inplane_flip and square and flips[3]),
+        bool(a.inplane_flip and flips[2]), bool(a.inplane_flip and square and flips[3]), tokens, pixels,
     )
 
 
 def apply_geometry(x: torch.Tensor, g: BlockGeometry, block: int, channels_first: bool) -> torch.Tensor:
-    """Crop + flip a (z, C, G, G) embedding stack -> (C, D, G, G), or a (z, H, W) target -> (D, H, W)."""
+    """Crop + flip a (z, C, G, G) embedding stack -> (C, D, G', G'), or a (z, H, W) target -> (D, H', W')."""
     x = x[g.start : g.start + block]
+    window = g.tokens if channels_first else g.pixels
+    if window is not None:
+        x = x[..., window[0] : window[1], window[2] : window[3]]
     if channels_first:
         x = x.permute(1, 0, 2, 3)
     off = 1 if channels_first else 0
@@ -557,9 +601,9 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, global_epoch, self.dist.rank])
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         block = min(cfg.student.block_depth, self.labeled[0].image.shape[0])
-        out_size = tuple(self.labeled[0].image.shape[1:])
-        g = int(self.labeled[0].emb.shape[-1])
-        square = out_size[0] == out_size[1]
+        full_size = tuple(self.labeled[0].image.shape[1:])
+        grid = tuple(int(v) for v in self.labeled[0].emb.shape[-2:])
+        square = full_size[0] == full_size[1] and grid[0] == grid[1]
         accum = cfg.optim.grad_accumulation
         sums: Dict[str, float] = {}
         counts: Dict[str, int] = {}
@@ -574,7 +618,8 @@ class Trainer:
             xs, imgs, labels, pseudo, conf, is_lab, has_pseudo = [], [], [], [], [], [], []
             for idx in batch:
                 it = items[idx]
-                geo = draw_geometry(rng, it.image.shape[0], block, cfg, square and g == it.emb.shape[-2])
+                geo = draw_geometry(rng, it.image.shape[0], block, cfg, square, grid, full_size)
+                out_size = full_size if geo.pixels is None else (geo.pixels[1] - geo.pixels[0], geo.pixels[3] - geo.pixels[2])
                 xs.append(apply_geometry(it.emb, geo, block, True).float())
                 if self.student.uses_image:  # the same crop and flips as the embeddings
                     imgs.append(apply_geometry(torch.from_numpy(it.image), geo, block, False)[None])
