@@ -31,6 +31,9 @@ def test_bench_student_compares_variants_on_one_cohort(tmp_path: Path):
 
     assert load_student(ckpt)[0].config.image_channels == 4  # the override reached the trained student
     assert load_student(tmp_path / "work" / "run_base" / "best.pt")[0].config.image_channels == 0
+    again = run("--work", str(tmp_path / "work"), "--variant", "base", '{"phases.warmup.epochs": 1}', cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]  # a reused --work folder: the earlier run_base is replaced
+    assert json.loads(again.stdout.strip().splitlines()[-1])["variants"][0]["overrides"] == {"phases.warmup.epochs": 1}
 
 
 def test_bench_student_names_a_bad_variant_key(tmp_path: Path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +39,10 @@ DEFAULT_VARIANTS = [("demo", {}), ("image_branch", {"student.image_channels": 8}
 
 
 def run_variant(name, overrides, cohort, work, n_test, seed, warmup_only, schedule):
-    cfg = demo_config(cohort, work / f"run_{name}", work / "cache", seed, schedule)
+    run = work / f"run_{name}"
+    if run.exists():  # the bench's own scratch run of an earlier call in a reused --work folder
+        shutil.rmtree(run)
+    cfg = demo_config(cohort, run, work / "cache", seed, schedule)
     if warmup_only:
         cfg.phases.semi.epochs = cfg.phases.finetune.epochs = 0
     data = cfg.to_dict()

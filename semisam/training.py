@@ -265,22 +265,16 @@ def draw_geometry(rng: np.random.Generator, depth: int, block: int, cfg: TrainCo
     a = cfg.augment
     start = int(rng.integers(0, depth - block + 1))
     flips = rng.random(4) < 0.5
-    tokens = pixels = None
-    if a.inplane_crop > 0 and grid is not None and size is not None:
-        windows = crop_windows(grid, size, a.inplane_crop)
-        if any(w is not None for w in windows):
-            t, px = [], []
-            for w, g, n in zip(windows, grid, size):
-                if w is None:
-                    t += [0, g]
-                    px += [0, n]
-                    continue
-                q, c = w
-                t0 = int(rng.integers(0, (g - c) // q + 1)) * q
-                t += [t0, t0 + c]
-                px += [t0 * n // g, (t0 + c) * n // g]
-            tokens, pixels = tuple(t), tuple(px)
-            square = square and (t[1] - t[0]) == (t[3] - t[2]) and (px[1] - px[0]) == (px[3] - px[2])
+    tokens = pixels = None  # a square grid and slice get the same window width on both axes: transposes stay valid
+    windows = crop_windows(grid, size, a.inplane_crop) if a.inplane_crop > 0 and grid is not None and size is not None else []
+    if any(w is not None for w in windows):
+        t, px = [], []
+        for w, g, n in zip(windows, grid, size):
+            q, c = w or (1, g)
+            t0 = int(rng.integers(0, (g - c) // q + 1)) * q if w else 0
+            t += [t0, t0 + c]
+            px += [t0 * n // g, (t0 + c) * n // g]
+        tokens, pixels = tuple(t), tuple(px)
     return BlockGeometry(
         start, bool(a.depth_flip and flips[0]), bool(a.inplane_flip and flips[1]),
         bool(a.inplane_flip and flips[2]), bool(a.inplane_flip and square and flips[3]), tokens, pixels,
