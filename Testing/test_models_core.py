@@ -219,6 +219,32 @@ def test_segment_volume_writes_on_the_input_grid(small_sam, tmp_path):
         segment_volume(case.image, SlicingSAM3D(), small_sam, config)
 
 
+
+def test_segment_volume_applies_the_students_threshold(small_sam):
+    from semisam.inference import recorded_threshold
+
+    case = make_phantom(4, (32, 40, 40))
+    torch.manual_seed(0)
+    student = SlicingSAM3D(StudentConfig(channels=(8, 4), block_depth=8, encoder="sam-small"))
+    config = PreprocessConfig(target_shape=(16, 48, 48), target_spacing=(1.0, 1.0, 1.0))
+    half = segment_volume(case.image, student, small_sam, config)
+    prob = half.probability.array
+    assert np.array_equal(half.label.array, (prob > 0.5).astype(np.uint8))
+    lo, hi = (float(q) for q in np.quantile(prob[prob > 0], [0.3, 0.7]))  # cuts through this model's probabilities
+    assert 0.0 < lo < hi < 1.0
+    at_lo = segment_volume(case.image, student, small_sam, config, threshold=lo)
+    at_hi = segment_volume(case.image, student, small_sam, config, threshold=hi)
+    assert np.array_equal(at_lo.label.array, (prob > lo).astype(np.uint8))
+    assert np.array_equal(at_hi.label.array, (prob > hi).astype(np.uint8))
+    assert at_lo.label.array.sum() > at_hi.label.array.sum()
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            segment_volume(case.image, student, small_sam, config, threshold=bad)
+    assert recorded_threshold({}) == 0.5
+    assert recorded_threshold({"postprocess": {"largest_component": True}}) == 0.5
+    assert recorded_threshold({"postprocess": {"threshold": 0.35}}) == 0.35
+
+
 @pytest.mark.slow
 def test_segment_command_with_the_real_encoder(tmp_path, capsys):
     # A student on the real LiteMedSAM encoder (few slices to keep the CPU time small).

@@ -269,3 +269,30 @@ def test_keep_largest_component_per_structure():
     assert out[5, 10, 10] == 0 and out[5, 0, 11] == 0
     assert (out == 1).sum() == 48 and (out == 2).sum() == 18
     assert keep_largest_component(np.zeros((2, 2, 2), np.uint8)).sum() == 0
+
+
+def test_calibrate_threshold_finds_the_best_cut_and_prefers_half_on_ties():
+    from semisam.training import calibrate_threshold
+
+    # A ball of radius 6 whose probability ramps down with the distance: the truth is the
+    # region above 0.35, so 0.35 is the only threshold on the grid with Dice 1.
+    zz, yy, xx = np.meshgrid(*(np.arange(20),) * 3, indexing="ij")
+    r = np.sqrt((zz - 10) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2)
+    prob = np.clip(1.0 - r / 12.0, 0.0, 1.0)
+    truth = (prob > 0.35).astype(np.uint8)
+    th, dice = calibrate_threshold([(prob, truth)])
+    assert th == 0.35 and dice == pytest.approx(1.0)
+    # an island above every threshold is dropped by the largest-component rule, not counted
+    island = prob.copy()
+    island[0, 0, 0] = 0.99
+    assert calibrate_threshold([(island, truth)], largest_component=True) == (0.35, pytest.approx(1.0))
+    assert calibrate_threshold([(island, truth)])[1] < 1.0
+    # a probability map that is 0 or 1 scores the same everywhere: 0.5 is kept
+    assert calibrate_threshold([(truth.astype(np.float32), truth)]) == (0.5, pytest.approx(1.0))
+    # the mean over cases decides: one case prefers 0.35, the other (truth above 0.55) 0.55
+    other = (prob > 0.55).astype(np.uint8)
+    th2, _ = calibrate_threshold([(prob, truth), (prob, other), (prob, other)])
+    assert th2 == 0.55
+    with pytest.raises(ValueError, match="at least one"):
+        calibrate_threshold([])
+

@@ -785,3 +785,37 @@ def test_inplane_crop_trains_on_crops_and_segments_whole_slices(tiny: Tiny, tmp_
     volume = read_volume(next((tiny.cohort / "imagesVal").glob("*.nii.gz")), "image")
     seg = segmenter.segment(volume)
     assert seg.label.shape == volume.shape and np.isfinite(seg.probability.array).all()
+
+
+def test_calibrated_threshold_is_chosen_on_validation_and_used_to_segment(tiny: Tiny, tmp_path: Path):
+    """validation.calibrate_threshold: best.pt records the threshold that scores best on the
+    validation cases' probabilities of those very weights; the Segmenter cuts there."""
+    from semisam.config import load_config
+    from semisam.data import load_dataset
+    from semisam.inference import Segmenter, keep_largest_component
+    from semisam.models.encoders import EmbeddingCache
+    from semisam.preprocess import apply_to_label, preprocess
+    from semisam.training import THRESHOLDS, Trainer, calibrate_threshold
+    from semisam.volume import read_volume
+
+    config = write_train_config(tmp_path, tiny.cohort, tiny.cache, phases=(2, 0, 0),
+                                validation={"calibrate_threshold": True, "largest_component": True})
+    summary = Trainer(load_config(config), progress="none").run()
+    segmenter = Segmenter(Path(summary["best_checkpoint"]), cache=EmbeddingCache(tiny.cache))  # the run's embeddings
+    post = segmenter.extra["postprocess"]
+    assert post["threshold"] in THRESHOLDS and segmenter.threshold == post["threshold"]
+    # recompute the choice from the saved weights on the validation cases
+    cases = []
+    validation = load_dataset(tiny.cohort).validation
+    assert validation, "the tiny cohort has validation cases"
+    for case in validation:
+        image = read_volume(case.image, "image")
+        pre, record = preprocess(image, segmenter.preprocess_config)
+        emb = segmenter.cache.embed(pre.array, segmenter.encoder).float().permute(1, 0, 2, 3)
+        prob = segmenter.student.infer(emb, pre.shape[1:])[0].numpy()
+        cases.append((prob, apply_to_label(record, read_volume(case.label, "label")).array))
+    th, dice = calibrate_threshold(cases, largest_component=True)
+    assert th == post["threshold"] and dice == pytest.approx(post["val_dice_at_threshold"], abs=1e-4)
+    seg = segmenter.segment(image)
+    expected = keep_largest_component((seg.probability.array > th).astype(np.uint8))
+    assert np.array_equal(seg.label.array, expected)

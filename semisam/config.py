@@ -130,6 +130,7 @@ class ValidationSection:
     every: int = 1  # validate every this many epochs (and always at a phase's end)
     hd95: bool = True  # also compute the 95% Hausdorff distance (mm)
     largest_component: bool = False  # score (and later segment) each structure as its largest connected piece; for one-piece organs
+    calibrate_threshold: bool = False  # one structure: best.pt records the foreground threshold (0.30..0.60) with the best validation Dice; segment uses it
 
 
 @dataclass

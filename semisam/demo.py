@@ -74,7 +74,8 @@ def make_test_cases(n: int, seed: int, shape=(64, 64, 64)) -> List[TestCase]:
     return cases
 
 
-def evaluate(student, encoder, cache, config, cases: Sequence[TestCase], device: str = "cpu", largest_component: bool = False) -> List[Dict[str, Any]]:
+def evaluate(student, encoder, cache, config, cases: Sequence[TestCase], device: str = "cpu", largest_component: bool = False,
+             threshold: float = 0.5) -> List[Dict[str, Any]]:
     """Segment each held-out case (on its own grid) and score it against its label."""
     from .inference import segment_volume
     from .training import dice_hd95
@@ -82,7 +83,7 @@ def evaluate(student, encoder, cache, config, cases: Sequence[TestCase], device:
     rows = []
     for case in cases:
         t0 = time.time()
-        seg = segment_volume(case.image, student, encoder, config, cache, device=device, largest_component=largest_component)
+        seg = segment_volume(case.image, student, encoder, config, cache, device=device, largest_component=largest_component, threshold=threshold)
         dice, hd = dice_hd95(seg.label.array, case.label.array, tuple(case.image.spacing[::-1]), student.config.num_labels)
         rows.append({"case": case.id, "dice": dice, "hd95_mm": hd, "seconds": round(time.time() - t0, 1), "segmentation": seg})
     return rows
@@ -91,6 +92,7 @@ def evaluate(student, encoder, cache, config, cases: Sequence[TestCase], device:
 def run_demo(out: Path, n_labeled: int = 8, n_unlabeled: int = 6, n_val: int = 2, n_test: int = 3, seed: int = 0,
              progress: str = "auto", schedule: str = "demo", compile: bool = False) -> Dict[str, Any]:
     from .figures import save_mid_slices
+    from .inference import recorded_threshold
     from .models.student import load_student
     from .phantom import write_cohort
     from .preprocess import PreprocessConfig
@@ -114,7 +116,9 @@ def run_demo(out: Path, n_labeled: int = 8, n_unlabeled: int = 6, n_val: int = 2
     t_train = time.time() - t0
     student, extra = load_student(Path(summary["best_checkpoint"]))
     pre = PreprocessConfig(**extra["preprocess"])
-    rows = evaluate(student, trainer.encoder, trainer.cache, pre, tests, largest_component=bool(extra.get("postprocess", {}).get("largest_component")))
+    threshold = recorded_threshold(extra)
+    rows = evaluate(student, trainer.encoder, trainer.cache, pre, tests, largest_component=bool(extra.get("postprocess", {}).get("largest_component")),
+                    threshold=threshold)
     seg_dir = out / "segmentations"
     for case, row in zip(tests, rows):
         write_volume(row["segmentation"].label, seg_dir / f"{case.id}_seg.nii.gz")
@@ -126,7 +130,8 @@ def run_demo(out: Path, n_labeled: int = 8, n_unlabeled: int = 6, n_val: int = 2
         [f"{c.id} Dice {r['dice']:.3f}" for c, r in zip(tests, rows)], [r["segmentation"].label for r in rows],
     )
     print()
-    print("held-out phantoms, student (best EMA checkpoint) on each input grid:")
+    chosen = " (chosen on the validation phantoms)" if "threshold" in extra.get("postprocess", {}) else ""
+    print(f"held-out phantoms, student (best EMA checkpoint, foreground threshold {threshold:.2f}{chosen}) on each input grid:")
     print(f"{'case':<12}{'Dice':>8}{'HD95 mm':>10}{'seconds':>9}")
     for r in rows:
         hd = f"{r['hd95_mm']:.2f}" if r["hd95_mm"] is not None else "n/a"
@@ -144,7 +149,7 @@ def run_demo(out: Path, n_labeled: int = 8, n_unlabeled: int = 6, n_val: int = 2
     print(f"training curves: {run / 'curves.png'}; student checkpoint: {summary['best_checkpoint']}")
     total = time.time() - t0
     print(f"demo finished in {total:.0f} s (training {t_train:.0f} s)")
-    return {"mean_dice": mean, "rows": [{k: v for k, v in r.items() if k != "segmentation"} for r in rows], "seconds": total, "summary": summary}
+    return {"mean_dice": mean, "threshold": threshold, "rows": [{k: v for k, v in r.items() if k != "segmentation"} for r in rows], "seconds": total, "summary": summary}
 
 
 def _records(path: Path) -> List[Dict[str, Any]]:

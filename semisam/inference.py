@@ -48,6 +48,7 @@ def segment_volume(
     device: str = "cpu",
     largest_component: bool = False,
     tta: bool = False,
+    threshold: float = 0.5,
 ) -> Segmentation:
     """One-click segmentation of ``volume``.
 
@@ -59,7 +60,11 @@ def segment_volume(
             structures that are one piece, e.g. an organ; students record it when trained so).
         tta: average the probabilities over the same flips (test-time augmentation; the
             decoder was trained with these flips of its embeddings). Four decoder passes.
+        threshold: foreground probability threshold for one structure (students trained with
+            ``validation.calibrate_threshold`` record theirs: :func:`recorded_threshold`).
     """
+    if not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
     if student.config.encoder != encoder.name:
         raise ValueError(f"the student was trained on '{student.config.encoder}' embeddings, not '{encoder.name}'")
     if student.config.encoder_id and student.config.encoder_id != encoder.weights_id:
@@ -85,7 +90,7 @@ def segment_volume(
     # on phantoms whose elevation spacing is finer than the training grid's).
     fg = invert(record, _foreground(probs).numpy(), "probability")
     if probs.shape[0] == 1:
-        label = (fg.array > 0.5).astype(np.uint8)
+        label = (fg.array > float(threshold)).astype(np.uint8)
     else:
         channels = invert(record, probs.numpy(), "probability")
         label = np.stack([c.array for c in channels]).argmax(0).astype(np.uint8)
@@ -96,6 +101,12 @@ def segment_volume(
         var = torch.stack([_foreground(v) for v in views]).var(dim=0, unbiased=False)
         result.uncertainty = invert(record, var.numpy().astype(np.float32), "probability")
     return result
+
+
+def recorded_threshold(extra: Dict[str, Any]) -> float:
+    """The foreground threshold a student checkpoint records (``postprocess.threshold``), else 0.5."""
+    value = dict(extra.get("postprocess") or {}).get("threshold")
+    return 0.5 if value is None else float(value)
 
 
 def keep_largest_component(label: np.ndarray) -> np.ndarray:
@@ -157,6 +168,7 @@ class Segmenter:
             self.preprocess_config = PreprocessConfig()
             warn(f"{checkpoint} records no preprocessing settings; using the defaults")
         self.largest_component = bool(self.extra.get("postprocess", {}).get("largest_component"))
+        self.threshold = recorded_threshold(self.extra)
         self.cache = cache or EmbeddingCache()
         self.warn = warn
 
@@ -198,4 +210,4 @@ class Segmenter:
             raise Cancelled("segmentation cancelled")
         largest = self.largest_component if largest_component is None else largest_component
         return segment_volume(volume, self.student, self.encoder, self.preprocess_config, self.cache, uncertainty=uncertainty,
-                              device=self.device, largest_component=largest, tta=tta)
+                              device=self.device, largest_component=largest, tta=tta, threshold=self.threshold)

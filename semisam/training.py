@@ -468,9 +468,15 @@ class Trainer:
         return state
 
     def _save_best(self, dice: Optional[float], phase: int, global_epoch: int) -> None:
+        postprocess: Dict[str, Any] = {"largest_component": bool(self.cfg.validation.largest_component)}
+        threshold, calibrated = (calibrate_threshold(self._val_probs, self.cfg.validation.largest_component)
+                                 if dice is not None and self._val_probs else (None, None))
+        if threshold is not None:
+            postprocess["threshold"] = threshold
+            postprocess["val_dice_at_threshold"] = calibrated
         extra = {
             "preprocess": self.pre_config.to_dict(),
-            "postprocess": {"largest_component": bool(self.cfg.validation.largest_component)},
+            "postprocess": postprocess,
             "labels": {str(k): v for k, v in self.label_names.items()},
             "val_dice": dice, "phase": phase, "global_epoch": global_epoch,
             "dataset": str(self.cfg.dataset), "trained": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -696,8 +702,11 @@ class Trainer:
         if not self.validation:
             return None, None
         dices, hds = [], []
+        self._val_probs = []
         for it in self.validation:
             probs = self.ema.model.infer(it.emb.float().permute(1, 0, 2, 3), it.image.shape[1:], self.device, self._image(it))
+            if self.cfg.validation.calibrate_threshold and probs.shape[0] == 1:
+                self._val_probs.append((probs[0].numpy(), it.label))
             pred = probs_to_label(probs)
             if self.cfg.validation.largest_component:
                 pred = keep_largest_component(pred)
@@ -728,6 +737,7 @@ class Trainer:
             self._embed_all()
             self._build_student()
             self.best: Dict[str, Any] = {"dice": None, "global_epoch": 0}
+            self._val_probs: List[Tuple[np.ndarray, np.ndarray]] = []  # (probability, label) per validation case, last validation
             self.teachers = None
             self.pseudo: Dict[str, list] = {}
             self._pseudo_version: Dict[str, int] = {}
@@ -831,6 +841,32 @@ class Trainer:
 # ------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------
+
+
+THRESHOLDS = tuple(round(0.30 + 0.05 * i, 2) for i in range(7))  # 0.30 .. 0.60
+
+
+def calibrate_threshold(cases: Sequence[Tuple[np.ndarray, np.ndarray]], largest_component: bool = False,
+                        thresholds: Sequence[float] = THRESHOLDS) -> Tuple[float, float]:
+    """The foreground threshold with the best mean Dice over ``cases`` ((probability, label)
+    pairs of one structure on one grid) and that Dice. Ties go to the threshold nearest 0.5,
+    so a flat optimum keeps the usual one."""
+    if not cases:
+        raise ValueError("calibrate_threshold needs at least one (probability, label) case")
+    best: Optional[Tuple[float, float]] = None
+    for th in sorted(thresholds, key=lambda t: (abs(t - 0.5), t)):
+        scores = []
+        for prob, label in cases:
+            pred = (np.asarray(prob) > th).astype(np.uint8)
+            if largest_component:
+                pred = keep_largest_component(pred)
+            truth = np.asarray(label) > 0
+            denom = int(pred.sum()) + int(truth.sum())
+            scores.append(1.0 if denom == 0 else 2.0 * float(np.logical_and(pred > 0, truth).sum()) / denom)
+        mean = float(np.mean(scores))
+        if best is None or mean > best[1] + 1e-9:
+            best = (float(th), mean)
+    return best
 
 
 def probs_to_label(probs: torch.Tensor) -> np.ndarray:
