@@ -133,9 +133,23 @@ def cmd_init_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def honour_sigint() -> None:
+    """Make SIGINT raise KeyboardInterrupt even where it was inherited as ignored.
+
+    A process started in the background of a non-interactive shell (``nohup``, ``cmd &``) ignores
+    SIGINT, and Python then installs no handler: the Slicer module's Stop (SIGINT, so that the
+    trainer says "stopped" and keeps its last finished epoch) would wait for its SIGTERM fallback."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .training import train
+
+    honour_sigint()
 
     try:
         cfg = load_config(args.config, _overrides(args.set))
