@@ -860,9 +860,7 @@ def calibrate_threshold(cases: Sequence[Tuple[np.ndarray, np.ndarray]], largest_
             pred = (np.asarray(prob) > th).astype(np.uint8)
             if largest_component:
                 pred = keep_largest_component(pred)
-            truth = np.asarray(label) > 0
-            denom = int(pred.sum()) + int(truth.sum())
-            scores.append(1.0 if denom == 0 else 2.0 * float(np.logical_and(pred > 0, truth).sum()) / denom)
+            scores.append(dice_hd95(pred, (np.asarray(label) > 0).astype(np.uint8), (1.0, 1.0, 1.0), 1, hd95=False)[0])
         mean = float(np.mean(scores))
         if best is None or mean > best[1] + 1e-9:
             best = (float(th), mean)
