@@ -203,6 +203,8 @@ def test_clicks_on_real_fetal_heads(model):
 
 def test_bad_inputs_are_refused_with_a_message(model):
     net, encoder = model
+    with pytest.raises(ValueError, match="native 256 px frame; this encoder takes 128 px"):
+        InteractiveSession(net=net, encoder=litemedsam_encoder(net, input_size=128))
     session = InteractiveSession(net=net, encoder=encoder)
     with pytest.raises(ValueError, match="no image set"):
         session.predict(0, 0, [(1, 1, True)])

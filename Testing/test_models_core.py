@@ -345,3 +345,48 @@ def test_prompts_outside_the_volume_are_refused():
     with pytest.raises(ValueError, match="3D box"):
         Prompts(box3d=(0, 0, 0, 40, 5, 5)).validate((4, 32, 32))  # x, y, z order by mistake
     Prompts(boxes2d=[[3, 0, 0, 31, 31]], box3d=(0, 0, 0, 3, 31, 31)).validate((4, 32, 32))
+
+
+def test_litemedsam_runs_at_another_input_size_with_the_same_weights():
+    from semisam.models.encoders import _tinyvit_at, build_litemedsam, litemedsam_encoder
+
+    net = build_litemedsam()
+    slices = np.random.default_rng(1).random((2, 96, 96)).astype(np.float32)
+    native = litemedsam_encoder(net)
+    # the rebuilt TinyViT reproduces the vendored forward exactly at the native side
+    x = native.to_input(torch.from_numpy(slices))
+    with torch.inference_mode():
+        torch.testing.assert_close(_tinyvit_at(net.image_encoder, 256)(x), net.image_encoder(x), atol=0, rtol=0)
+    small = litemedsam_encoder(net, input_size=128)
+    assert small.input_size == 128 and small.module.vit is not net.image_encoder
+    assert small.cache_id == native.cache_id + "-in128" and small.weights_id != native.weights_id
+    for k, v in net.image_encoder.state_dict().items():  # same weights, copied
+        torch.testing.assert_close(small.module.vit.state_dict()[k], v, atol=0, rtol=0)
+    emb = small.encode(slices)
+    assert emb.shape == (2, 256, 32, 32) and torch.isfinite(emb).all()
+    # the embedding of a downsized slice is the embedding of the same picture, not noise:
+    # pooled to 32 x 32, the native embedding points the same way
+    pooled = torch.nn.functional.avg_pool2d(native.encode(slices), 2)
+    cos = torch.nn.functional.cosine_similarity(emb.flatten(2), pooled.flatten(2), dim=1)
+    assert float(cos.mean()) > 0.5, float(cos.mean())
+    for bad in (100, 32, 1024):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            litemedsam_encoder(net, input_size=bad)
+
+
+def test_a_student_trained_at_another_input_size_gets_that_encoder_back(tmp_path):
+    from semisam.inference import Segmenter, student_encoder
+    from semisam.models.encoders import litemedsam_encoder
+
+    enc = litemedsam_encoder(input_size=128)
+    student = SlicingSAM3D(StudentConfig(channels=(8, 4), block_depth=4, encoder_id=enc.weights_id, encoder_input_size=128))
+    config = PreprocessConfig(target_shape=(4, 48, 48), target_spacing=(1.2, 1.2, 1.2))
+    student.save(tmp_path / "student.pt", extra={"preprocess": config.to_dict()})
+    loaded, _ = load_student(tmp_path / "student.pt")
+    assert loaded.config.encoder_input_size == 128
+    assert student_encoder(loaded).input_size == 128
+    case = make_phantom(9, (16, 40, 40))
+    seg = Segmenter(tmp_path / "student.pt").segment(case.image)
+    assert seg.label.same_grid(case.image)
+    with pytest.raises(ValueError, match="other 'litemedsam' weights"):  # a 256 encoder is refused
+        segment_volume(case.image, loaded, litemedsam_encoder(), config)

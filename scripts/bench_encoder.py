@@ -9,9 +9,11 @@ Measures, in one run on this machine:
   native, batches of slices; then also torch.compile): slices/s, effective GFLOP/s, and each
   as a fraction of the probe;
 * how close the optimised embeddings are to the plain ones (cosine similarity);
+* LiteMedSAM at other input sides (``--input-sizes``, ``encoder.input_size``): FLOPs and
+  time per slice, fast and compiled, and the ratio to the native 256 px;
 * `semisam segment` on a 128^3 phantom with a (random) student: wall time and peak RSS.
 
-Usage: .venv/bin/python scripts/bench_encoder.py [--slices 16] [--batch 8] [--no-segment]
+Usage: .venv/bin/python scripts/bench_encoder.py [--slices 16] [--batch 8] [--no-segment] [--input-sizes 128]
 Medians over --repeats runs; the machine is noisy, compare numbers from one run only.
 """
 
@@ -50,7 +52,7 @@ def probe(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 def flops_per_slice(encoder) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = encoder.to_input(torch.rand(1, 256, 256))
+    x = encoder.to_input(torch.rand(1, encoder.input_size, encoder.input_size))
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         encoder.module(x)
     return counter.get_total_flops() / 1e9
@@ -99,9 +101,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-segment", action="store_true")
+    parser.add_argument("--input-sizes", default="128",
+                        help="comma-separated other input sides to time LiteMedSAM at (encoder.input_size; default 128; '' for none)")
     args = parser.parse_args()
 
-    plain = litemedsam_encoder()
+    from semisam.models.encoders import build_litemedsam
+
+    plain_net = build_litemedsam()
+    plain = litemedsam_encoder(plain_net)
     fast = fast_encoder(plain)
     compiled = fast_encoder(plain, compile=True, batch_size=args.batch)
     rng = np.random.default_rng(0)
@@ -138,6 +145,15 @@ def main() -> None:
     for name, enc in (("fast", fast), ("compiled", compiled)):
         b = enc.encode(slices[:4]).flatten(1)
         result[name]["cosine_min"] = round(float(torch.nn.functional.cosine_similarity(a, b).min()), 5)
+    # The same weights at other input sides (encoder.input_size): cost per slice and FLOPs.
+    for size in [int(v) for v in args.input_sizes.split(",") if v.strip()]:
+        other = litemedsam_encoder(plain_net, input_size=size)
+        row = {"gflop_per_slice": round(flops_per_slice(other), 2)}
+        for name, enc, batch in (("fast", fast_encoder(other), args.batch), ("compiled", fast_encoder(other, compile=True, batch_size=args.batch), args.batch)):
+            sps = time_encoder(enc, slices, batch, args.repeats)
+            row[f"{name}_s_per_slice"] = round(1 / sps, 3)
+            row[f"{name}_ratio_to_native"] = round(result[name]["s_per_slice"] * sps, 2)  # native time / this time
+        result[f"input_{size}"] = row
     if not args.no_segment:
         result["segment"] = bench_segment((128, 128, 128), [])
         result["segment_compiled"] = bench_segment((128, 128, 128), ["--compile"])

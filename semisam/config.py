@@ -47,6 +47,7 @@ class EncoderSection:
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 where the CPU/GPU runs it natively)
     compile: bool = False  # torch.compile the encoder (~1 min the first time, then ~2x faster per slice)
     batch_size: int = 8  # slices per encoder call
+    input_size: int = 0  # side slices are resized to before encoding: 0 = native (LiteMedSAM 256); litemedsam also runs at multiples of 32 from 64 to 512, cost ~ side^2
 
 
 @dataclass
@@ -254,6 +255,25 @@ def _convert(tp, value: Any, key: str, problems: List[str]):
     return value  # pragma: no cover
 
 
+#: LiteMedSAM's native input side (its TinyViT was trained on 256 x 256 slices).
+LITEMEDSAM_INPUT = 256
+
+
+def check_input_size(name: str, input_size: int) -> int:
+    """The encoder input side to use: 0 means the model's native one. Only LiteMedSAM's
+    TinyViT (windowed attention, no absolute position embedding) runs at other sides:
+    multiples of 32 from 64 to 512."""
+    size = int(input_size)
+    if size == 0:
+        return LITEMEDSAM_INPUT if name == "litemedsam" else 0
+    if name != "litemedsam":
+        raise ValueError(f"encoder input_size {size}: only litemedsam runs at another input size; use 0 (the native size) for {name}")
+    if size % 32 or not 64 <= size <= 512:
+        raise ValueError(f"encoder input_size {size}: use a multiple of 32 from 64 to 512 (LiteMedSAM's native size is {LITEMEDSAM_INPUT}), or 0")
+    return size
+
+
+
 def _check(cfg: TrainConfig, problems: List[str]) -> None:
     def need(ok: bool, key: str, what: str, value: Any) -> None:
         if not ok:
@@ -270,6 +290,11 @@ def _check(cfg: TrainConfig, problems: List[str]) -> None:
     need(cfg.encoder.name in encoders, "encoder.name", f"must be one of {', '.join(encoders)}", cfg.encoder.name)
     need(cfg.encoder.precision in ("auto", "bf16", "fp32"), "encoder.precision", "must be auto, bf16 or fp32", cfg.encoder.precision)
     need(cfg.encoder.batch_size >= 1, "encoder.batch_size", "must be >= 1", cfg.encoder.batch_size)
+    if cfg.encoder.name in encoders:
+        try:
+            check_input_size(cfg.encoder.name, cfg.encoder.input_size)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"encoder.input_size: {exc}".replace("encoder input_size ", "got "))
     s = cfg.student
     need(len(s.channels) >= 1 and all(c >= 1 for c in s.channels), "student.channels", "needs one or more positive widths", list(s.channels))
     need(s.block_depth >= 1, "student.block_depth", "must be >= 1", s.block_depth)

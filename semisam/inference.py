@@ -129,8 +129,9 @@ def student_encoder(student: SlicingSAM3D, device: str = "cpu", encoder_checkpoi
     from .models.registry import catalogue, checkpoint_path, models_folder
 
     name = student.config.encoder
+    size = student.config.encoder_input_size
     if name == "litemedsam" and encoder_checkpoint is None:
-        return fast_encoder(litemedsam_encoder(device=device), compile=compile)
+        return fast_encoder(litemedsam_encoder(device=device, input_size=size), compile=compile)
     weights = encoder_checkpoint
     entries = catalogue()
     if weights is None and name in entries:
@@ -140,7 +141,7 @@ def student_encoder(student: SlicingSAM3D, device: str = "cpu", encoder_checkpoi
     if name == "litemedsam":
         from .models.encoders import build_litemedsam
 
-        return fast_encoder(litemedsam_encoder(build_litemedsam(weights, device=device)), compile=compile)
+        return fast_encoder(litemedsam_encoder(build_litemedsam(weights, device=device), input_size=size), compile=compile)
     return fast_encoder(sam_encoder(build_sam_vit(weights, device, name=name), name), compile=compile)
 
 

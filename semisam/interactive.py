@@ -339,6 +339,10 @@ class InteractiveSession:
         self.net = (net if net is not None else build_litemedsam(device=str(self.device))).eval()
         self.encoder = encoder if encoder is not None else fast_encoder(litemedsam_encoder(self.net))
         self.size = int(self.encoder.input_size)
+        native = int(self.net.prompt_encoder.input_image_size[0])
+        if self.size != native:
+            raise ValueError(f"interactive refinement runs LiteMedSAM at its native {native} px frame; this encoder takes {self.size} px slices "
+                             f"(leave encoder out to get the native one)")
         self.max_slices = int(max_slices)
         if self.max_slices < 1:
             raise ValueError("max_slices must be at least 1")

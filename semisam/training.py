@@ -172,7 +172,7 @@ def build_encoder(cfg: TrainConfig, device: torch.device):
     e = cfg.encoder
     if e.name == "litemedsam":
         net = build_litemedsam(e.checkpoint, device=str(device))
-        base = litemedsam_encoder(net)
+        base = litemedsam_encoder(net, input_size=e.input_size)
     else:
         weights = e.checkpoint or checkpoint_path(catalogue()[e.name])
         net = None
@@ -420,6 +420,7 @@ class Trainer:
         scfg = StudentConfig(
             embed_dim=int(self.labeled[0].emb.shape[1]), channels=tuple(s.channels), num_labels=self.num_labels,
             block_depth=s.block_depth, block_overlap=s.block_overlap, context=s.context, image_channels=s.image_channels, encoder=self.encoder.name, encoder_id=self.encoder.weights_id,
+            encoder_input_size=self.encoder.input_size,
         )
         self.student = SlicingSAM3D(scfg).to(self.device)
         self.ema = EMATeacher(self.student, cfg.loss.ema_decay)

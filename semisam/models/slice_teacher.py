@@ -7,6 +7,7 @@ student) and decoded with its prompts scaled to the model's input frame.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -15,6 +16,24 @@ import torch.nn.functional as F
 
 from .encoders import EmbeddingCache, SliceEncoder
 from .prompts import Prompts
+
+
+def prompt_encoder_for(prompt_encoder: torch.nn.Module, input_size: int) -> torch.nn.Module:
+    """SAM's prompt encoder for an image encoder run at another input side (same weights).
+
+    The prompt encoder normalises prompt coordinates by its input side, gives the dense
+    positional encoding on its embedding grid and expects mask prompts at four times that
+    grid. For another side, a shallow copy (sharing every weight) with those three sizes scaled.
+    """
+    native = int(prompt_encoder.input_image_size[0])
+    if int(input_size) == native:
+        return prompt_encoder
+    grid = int(prompt_encoder.image_embedding_size[0]) * int(input_size) // native
+    view = copy.copy(prompt_encoder)
+    view.input_image_size = (int(input_size), int(input_size))
+    view.image_embedding_size = (grid, grid)
+    view.mask_input_size = (4 * grid, 4 * grid)
+    return view
 
 
 class SliceSAMTeacher:
@@ -38,7 +57,10 @@ class SliceSAMTeacher:
         self.device = torch.device(device)
         self.click_box_fraction = float(click_box_fraction)
         self.box_margin = float(box_margin)
-        self.size = encoder.input_size  # the model's input side: prompts are given in this frame
+        self.size = encoder.input_size  # the encoder's input side: prompts are given in this frame
+        self.prompt_encoder = prompt_encoder_for(net.prompt_encoder, self.size)
+        # box_margin is in pixels of the model's native frame: the same share of an other-sized one
+        self.margin_px = self.box_margin * self.size / float(net.prompt_encoder.input_image_size[0])
 
     def prepare(self, image: np.ndarray) -> Dict[str, Any]:
         """Remember the volume; slices are embedded (once, cached) when a prompt needs them."""
@@ -93,13 +115,13 @@ class SliceSAMTeacher:
         emb = self.cache.embed(image, self.encoder, slices=zs)
         scale = np.array([self.size / h, self.size / w], np.float32)
         out = np.zeros(image.shape, np.float32)
-        pe = self.net.prompt_encoder.get_dense_pe()
+        pe = self.prompt_encoder.get_dense_pe()
         low_res = 4 * emb.shape[-1]  # SAM's mask input side: four times the embedding grid
         for z in zs:
             box = None
             if z in boxes:
                 y0, x0, y1, x1 = (boxes[z] + 0.5) * np.tile(scale, 2) - 0.5
-                m, top = self.box_margin, self.size - 1
+                m, top = self.margin_px, self.size - 1
                 y0, x0, y1, x1 = max(y0 - m, 0), max(x0 - m, 0), min(y1 + m, top), min(x1 + m, top)
                 box = torch.tensor([[[x0, y0, x1, y1]]], dtype=torch.float32, device=self.device)
             dense_mask = None
@@ -114,7 +136,7 @@ class SliceSAMTeacher:
                 coords = torch.tensor(yx[:, ::-1].copy()[None], dtype=torch.float32, device=self.device)  # (x, y)
                 labels = torch.tensor(prompts.point_labels[on_slice][None], dtype=torch.int64, device=self.device)
                 points = (coords, labels)
-            sparse, dense = self.net.prompt_encoder(points=points, boxes=box, masks=dense_mask)
+            sparse, dense = self.prompt_encoder(points=points, boxes=box, masks=dense_mask)
             logits, _ = self.net.mask_decoder(
                 image_embeddings=emb[z : z + 1].float().to(self.device), image_pe=pe,
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,

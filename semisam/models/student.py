@@ -43,6 +43,8 @@ class StudentConfig:
         encoder: name of the frozen encoder the student was trained on.
         encoder_id: identity of that encoder's weights and input normalisation; inference
             refuses an encoder with another identity.
+        encoder_input_size: the side slices were resized to for the encoder (LiteMedSAM runs at
+            other sides than its native 256); inference builds the encoder at that side.
     """
 
     embed_dim: int = 256
@@ -54,6 +56,7 @@ class StudentConfig:
     image_channels: int = 0  # > 0: a full-resolution branch over the preprocessed image joins before the head
     encoder: str = "litemedsam"
     encoder_id: str = ""  # the encoder's weights id (SliceEncoder.weights_id); "" = not recorded
+    encoder_input_size: int = 0  # the side slices were resized to for that encoder; 0 = its native size (older students)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
