@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one); its cache/ is reused")
     ap.add_argument("--cache-dir", default=None, help="embedding cache (default: <out>/cache); e.g. the demo's, same phantoms")
     ap.add_argument("--progress", default="text", choices=("text", "none", "tqdm"))
+    ap.add_argument("--input-size", type=int, default=None,
+                    help="encoder.input_size for both runs (default: the demo's, 128; 256 = LiteMedSAM's native side)")
     args = ap.parse_args(argv)
     work = Path(args.out or tempfile.mkdtemp(prefix="semisam-bench-ssl-"))
     cache = Path(args.cache_dir) if args.cache_dir else work / "cache"
@@ -132,6 +134,8 @@ def main(argv=None) -> int:
         cfg.augment.inplane_flip = True
         name = "promise12"
     cfg.encoder.compile = args.compile
+    if args.input_size is not None:
+        cfg.encoder.input_size = args.input_size
     sup = copy.deepcopy(cfg)
     sup.output = str(work / "supervised")
     sup.loss.lambda_max = 0.0
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
     line = {
         "bench": "ssl", "dataset": name, "labeled": args.labeled, "unlabeled": args.unlabeled,
         "validation": args.validation, "test": len(tests), "seed": args.seed, "schedule": args.schedule,
-        "grid": list(cfg.preprocess.target_shape), "epochs": [cfg.phases.warmup.epochs, cfg.phases.semi.epochs, cfg.phases.finetune.epochs],
+        "grid": list(cfg.preprocess.target_shape), "encoder_input_size": cfg.encoder.input_size, "epochs": [cfg.phases.warmup.epochs, cfg.phases.semi.epochs, cfg.phases.finetune.epochs],
         "semi": semi_result, "supervised": sup_result,
         "delta_test_dice": round(semi_result["test_dice_mean"] - sup_result["test_dice_mean"], 4),
         "total_s": round(time.time() - t0, 1), "work": str(work),
