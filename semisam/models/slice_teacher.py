@@ -59,8 +59,11 @@ class SliceSAMTeacher:
         self.box_margin = float(box_margin)
         self.size = encoder.input_size  # the encoder's input side: prompts are given in this frame
         self.prompt_encoder = prompt_encoder_for(net.prompt_encoder, self.size)
-        # box_margin is in pixels of the model's native frame: the same share of an other-sized one
-        self.margin_px = self.box_margin * self.size / float(net.prompt_encoder.input_image_size[0])
+
+    @property
+    def margin_px(self) -> float:
+        """``box_margin`` is in pixels of the model's native frame: the same share of this frame."""
+        return self.box_margin * self.size / float(self.net.prompt_encoder.input_image_size[0])
 
     def prepare(self, image: np.ndarray) -> Dict[str, Any]:
         """Remember the volume; slices are embedded (once, cached) when a prompt needs them."""
