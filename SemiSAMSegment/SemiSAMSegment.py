@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Optional
 
+import ctk
 import qt
 import slicer
 import vtk
@@ -122,7 +123,7 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SemiSAMSegmentLogic()
-        self.ui.studentPathLineEdit.filters = slicer.ctkPathLineEdit().Files
+        self.ui.studentPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
         self.ui.studentPathLineEdit.nameFilters = ["SemiSAM student (*.pt)"]
         self.ui.studentPathLineEdit.settingKey = "SemiSAM/StudentCheckpoint"
         self.ui.progressBar.hide()

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Optional
 
+import ctk
 import qt
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget
@@ -118,7 +119,7 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SemiSAMTrainLogic()
 
-        paths = slicer.ctkPathLineEdit()
+        paths = ctk.ctkPathLineEdit  # the Filter enum (CTK Libs/Widgets/ctkPathLineEdit.h)
         self.ui.datasetPathLineEdit.filters = paths.Dirs  # a folder (one holding dataset.json counts); a .json path may be typed
         self.ui.datasetPathLineEdit.settingKey = DATASET_SETTING
         self.ui.outputPathLineEdit.filters = paths.Dirs | paths.Writable
