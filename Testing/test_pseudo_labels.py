@@ -219,7 +219,8 @@ def test_variance_and_confidence_maths(image):
     loose = PseudoLabeler(FakeTeacher(a, b), u_th=0.25)(image, mask, "case", views=views)
     assert loose.confidence.all()
     hard = PseudoLabeler(FakeTeacher([0.6, 0.4], [0.7, 0.2]), u_th=0.2, binarize=True)(image, mask, "case", views=views)
-    np.testing.assert_allclose(hard.mean[mask], 0.5) and np.testing.assert_allclose(hard.variance[mask], 0.25)
+    np.testing.assert_allclose(hard.mean[mask], 0.5)
+    np.testing.assert_allclose(hard.variance[mask], 0.25)
     assert not hard.confidence[mask].any()
 
 
@@ -232,7 +233,8 @@ def test_slice_teacher_sees_inplane_part_only(image):
     assert len(teacher.prepared) == 2  # the identity and the depth-flip views share one state
     assert teacher.prepared[0] is image
     np.testing.assert_allclose(teacher.prepared[1], ViewTransform((False, False, True), gamma=1.1).apply(image, image=True))
-    np.testing.assert_allclose(pl.mean[mask], 1.0) and np.testing.assert_allclose(pl.mean[~mask], 0.5)
+    np.testing.assert_allclose(pl.mean[mask], 1.0)
+    np.testing.assert_allclose(pl.mean[~mask], 0.5)
 
 
 def test_empty_mask_gives_none_and_no_teacher_call(image):

@@ -34,8 +34,11 @@ def test_default_yaml_round_trips_and_carries_comments():
 
 
 def test_defaults_follow_the_handbook():
+    """The handbook's numbers, except L_rs-con's form and weight (Dice + CE on confident voxels at
+    beta_max 1.0 instead of an MSE at 0.3; README, semi-supervised section)."""
     c = TrainConfig()
-    assert (c.loss.lambda_max, c.loss.beta_max, c.loss.ramp_up, c.loss.ramp_down, c.loss.ema_decay) == (1.0, 0.3, 10.0, 40.0, 0.99)
+    assert (c.loss.lambda_max, c.loss.ramp_up, c.loss.ramp_down, c.loss.ema_decay) == (1.0, 10.0, 40.0, 0.99)
+    assert (c.loss.pseudo_loss, c.loss.beta_max) == ("dice_ce", 1.0)
     assert (c.phases.warmup.epochs, c.phases.warmup.lr) == (50, 2e-3)
     assert c.phases.semi.epochs == 100 and c.phases.finetune.epochs == 50
     assert c.data.labeled_fraction == 0.5

@@ -19,8 +19,10 @@ from .errors import SemiSAMError
 
 LAYOUT_HELP = """dataset layouts:
   folder:        imagesTr/<case>.nii.gz + labelsTr/<case>.nii.gz (+ imagesUnlabeled/<case>.nii.gz)
+                 (+ imagesVal/ + labelsVal/: validation; imagesTs/ + labelsTs/: test split, never trained on)
   dataset.json:  {"labels": {"0": "background", "1": "target"}, "image_type": "bmode"|"rf",
-                  "training": [{"image": ..., "label": ...}], "unlabeled": [{"image": ...}]}
+                  "training": [{"image": ..., "label": ...}], "unlabeled": [{"image": ...}],
+                  "validation": [...], "test": [{"image": ..., "label": ...}]}
   formats:       .nii .nii.gz .nrrd .nhdr .mha .mhd .png, or a folder holding a DICOM series
 """
 
@@ -52,7 +54,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
         print(p, file=sys.stderr if p.severity == "error" else sys.stdout)
-    summary = f"{len(spec.labeled)} labeled, {len(spec.unlabeled)} unlabeled case(s) ({spec.source}: {spec.root})"
+    split = "".join(f", {len(cases)} {name}" for name, cases in (("validation", spec.validation), ("test", spec.test)) if cases)
+    summary = f"{len(spec.labeled)} labeled, {len(spec.unlabeled)} unlabeled{split} case(s) ({spec.source}: {spec.root})"
     if errors:
         print(f"dataset NOT usable: {len(errors)} problem(s); {summary}", file=sys.stderr)
         return 1
@@ -109,15 +112,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def _overrides(pairs: Sequence[str]) -> dict:
     """``--set phases.semi.epochs=3`` -> {"phases.semi.epochs": 3} (values parsed as YAML)."""
-    import yaml
+    from .config import parse_overrides
 
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SemiSAMError(f"--set needs KEY=VALUE (e.g. phases.semi.epochs=3), got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    return parse_overrides(list(pairs or []))
 
 
 def cmd_init_config(args: argparse.Namespace) -> int:

@@ -96,7 +96,8 @@ class PseudoSection:
 @dataclass
 class LossSection:
     lambda_max: float = 1.0  # weight of L_con (student vs EMA teacher), reached after ramp_up epochs
-    beta_max: float = 0.3  # weight of L_rs-con (student vs confident pseudo-labels) at the start of phase 1
+    beta_max: float = 1.0  # weight of L_rs-con (student vs confident pseudo-labels) at the start of phase 1
+    pseudo_loss: str = "dice_ce"  # L_rs-con: dice_ce (Dice + CE on confident voxels, the scale of L_sup) | mse (the handbook's MSE of probabilities)
     ramp_up: float = 10.0  # T_r, epochs: lambda(t) = lambda_max * exp(-5 (1 - t/T_r)^2) for t < T_r
     ramp_down: float = 40.0  # T_d, epochs: beta(t) = beta_max * exp(-t / T_d)
     ema_decay: float = 0.99  # EMA teacher: theta' <- decay * theta' + (1 - decay) * theta after every iteration
@@ -325,6 +326,7 @@ def _check(cfg: TrainConfig, problems: List[str]) -> None:
     need(lo.dice_weight + lo.ce_weight > 0, "loss.dice_weight", "dice_weight + ce_weight must be > 0", lo.dice_weight)
     need(lo.ramp_up >= 0, "loss.ramp_up", "must be >= 0", lo.ramp_up)
     need(lo.ramp_down > 0, "loss.ramp_down", "must be > 0", lo.ramp_down)
+    need(lo.pseudo_loss in ("dice_ce", "mse"), "loss.pseudo_loss", "must be dice_ce or mse", lo.pseudo_loss)
     need(0 <= lo.ema_decay < 1, "loss.ema_decay", "must be in [0, 1)", lo.ema_decay)
     for _, name, ph in cfg.phase_list():
         need(ph.epochs >= 0, f"phases.{name}.epochs", "must be >= 0", ph.epochs)
@@ -383,6 +385,25 @@ def load_config(path: os.PathLike | str, overrides: Optional[Dict[str, Any]] = N
     for t in cfg.pseudo.teachers:
         t.checkpoint = rel(t.checkpoint)
     return cfg
+
+
+def parse_overrides(pairs: Optional[List[str]]) -> Dict[str, Any]:
+    """``["phases.semi.epochs=3"]`` -> ``{"phases.semi.epochs": 3}`` (values parsed as YAML)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SemiSAMError(f"--set needs KEY=VALUE (e.g. phases.semi.epochs=3), got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Dict[str, Any]) -> TrainConfig:
+    """A new, validated config: ``cfg`` with dotted-key ``overrides`` applied."""
+    data = cfg.to_dict()
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return config_from_dict(data, "overrides")
 
 
 def set_dotted(data: Dict[str, Any], key: str, value: Any) -> None:

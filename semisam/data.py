@@ -6,14 +6,16 @@ A dataset is either
   ids) and ``imagesUnlabeled/``. A case id is the file name without its extension and
   without an nnU-Net channel suffix (``case_01_0000.nii.gz`` -> ``case_01``). A sub-folder is
   read as a DICOM series. Optional ``imagesVal/`` + ``labelsVal/`` hold validation cases
-  (used to pick the best checkpoint, never to train). Or
+  (used to pick the best checkpoint, never to train) and ``imagesTs/`` + ``labelsTs/`` a test
+  split (never read by training; ``scripts/bench_ssl.py`` scores on it). Or
 * a ``dataset.json`` (or a folder holding one)::
 
       {"labels": {"0": "background", "1": "target"},
        "image_type": "bmode",            # or "rf": envelope detection runs first
        "training":  [{"id": "a", "image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}],
        "unlabeled": [{"id": "b", "image": "imagesUnlabeled/b.nii.gz"}, "more/c.nrrd"],
-       "validation": [{"image": "imagesVal/v.nii.gz", "label": "labelsVal/v.nii.gz"}]}   # optional
+       "validation": [{"image": "imagesVal/v.nii.gz", "label": "labelsVal/v.nii.gz"}],  # optional
+       "test": [{"image": "imagesTs/t.nii.gz", "label": "labelsTs/t.nii.gz"}]}        # optional
 
   Paths are relative to the JSON file; ``id`` defaults to the image's case id.
 """
@@ -59,6 +61,7 @@ class DatasetSpec:
     source: str = "folder"
     problems: List["Problem"] = field(default_factory=list)  # found while listing
     validation: List[Case] = field(default_factory=list)  # labeled cases kept for validation only
+    test: List[Case] = field(default_factory=list)  # labeled test split: never used by training, for benchmarks
 
     @property
     def num_labels(self) -> Optional[int]:
@@ -127,7 +130,12 @@ def _load_folder(root: Path) -> DatasetSpec:
     problems: List[Problem] = []
     labeled = _pair(images, labels, "imagesTr", "labelsTr", problems)
     validation = _pair(_volume_entries(root / "imagesVal"), {case_id(p): p for p in _volume_entries(root / "labelsVal")}, "imagesVal", "labelsVal", problems)
-    return DatasetSpec(root, labeled, unlabeled, None, "bmode", 1, "folder", problems, validation)
+    test: List[Case] = []
+    if (root / "labelsTs").is_dir():
+        test = _pair(_volume_entries(root / "imagesTs"), {case_id(p): p for p in _volume_entries(root / "labelsTs")}, "imagesTs", "labelsTs", problems)
+    elif _volume_entries(root / "imagesTs"):
+        problems.append(Problem(str(root / "imagesTs"), "no labelsTs/ beside it: not used as a test split", "warning"))
+    return DatasetSpec(root, labeled, unlabeled, None, "bmode", 1, "folder", problems, validation, test)
 
 
 def _pair(images: List[Path], labels: Dict[str, Path], image_dir: str, label_dir: str, problems: List[Problem]) -> List[Case]:
@@ -172,6 +180,7 @@ def _load_json(path: Path) -> DatasetSpec:
     labeled = [c for i, it in enumerate(doc.get("training", [])) if (c := entry(it, f"training[{i}]", True))]
     unlabeled = [c for i, it in enumerate(doc.get("unlabeled", []) or []) if (c := entry(it, f"unlabeled[{i}]", False))]
     validation = [c for i, it in enumerate(doc.get("validation", []) or []) if (c := entry(it, f"validation[{i}]", True))]
+    test = [c for i, it in enumerate(doc.get("test", []) or []) if (c := entry(it, f"test[{i}]", True))]
     labels = None
     if "labels" in doc:
         try:
@@ -189,7 +198,7 @@ def _load_json(path: Path) -> DatasetSpec:
     if beam_axis not in (0, 1, 2):
         problems.append(Problem(str(path), f"beam_axis must be 0, 1 or 2, got {beam_axis!r}"))
         beam_axis = 1
-    return DatasetSpec(root, labeled, unlabeled, labels, image_type, int(beam_axis), "json", problems, validation)
+    return DatasetSpec(root, labeled, unlabeled, labels, image_type, int(beam_axis), "json", problems, validation, test)
 
 
 def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Optional[int] = None, read: bool = True) -> List[Problem]:
@@ -204,7 +213,7 @@ def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Opti
     problems = list(spec.problems)
     k = num_labels if num_labels is not None else spec.num_labels
     seen: Dict[str, Path] = {}
-    for case in spec.labeled + spec.unlabeled + spec.validation:
+    for case in spec.labeled + spec.unlabeled + spec.validation + spec.test:
         if case.id in seen:
             problems.append(Problem(str(case.image), f"duplicate case id '{case.id}' (also {seen[case.id]})"))
         else:
@@ -213,7 +222,7 @@ def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Opti
         problems.append(Problem(str(spec.root), "no labeled cases: training needs at least one"))
     if not read:
         return problems
-    for case in spec.labeled + spec.unlabeled + spec.validation:
+    for case in spec.labeled + spec.unlabeled + spec.validation + spec.test:
         image = _try(problems, read_volume, case.image, "image", require_3d=not allow_2d)
         if image is not None:
             try:

@@ -50,11 +50,12 @@ from .data import Case, DatasetSpec, MixedBatchSampler, load_dataset, validate_d
 from .ema import EMATeacher
 from .inference import keep_largest_component
 from .errors import SemiSAMError
-from .losses import SupervisedLoss, consistency_loss, consistency_weight, pseudo_weight, region_consistency_loss
+from .losses import SupervisedLoss, consistency_loss, consistency_weight, pseudo_label_loss, pseudo_weight
 from .models.encoders import EmbeddingCache, SliceEncoder
 from .models.student import SlicingSAM3D, StudentConfig
 from .preprocess import PreprocessConfig, apply_to_label, preprocess
 from .progress import MetricsLog, Progress, plot_curves
+from .runlock import RunLock
 from .volume import read_volume
 
 STATE_VERSION = 1
@@ -298,6 +299,39 @@ def apply_geometry(x: torch.Tensor, g: BlockGeometry, block: int, channels_first
     return x
 
 
+@dataclass
+class BlockSample:
+    """One training block: embeddings ``x`` (C, D, G', G'), the image block for an image branch
+    (1, D, H', W') or None, and its targets on the block's pixel grid, all under one geometry."""
+
+    x: torch.Tensor
+    image: Optional[torch.Tensor]
+    labeled: bool
+    has_pseudo: bool
+    label: torch.Tensor  # (D, H', W') uint8; zeros for an unlabeled block
+    pseudo: torch.Tensor  # (K, D, H', W') the pseudo-label p_f; zeros where none
+    conf: torch.Tensor  # (K, D, H', W') M_conf; zeros where none (nothing is trained on)
+
+
+def block_sample(item: "Item", targets: Dict[str, torch.Tensor], geo: BlockGeometry, block: int, num_labels: int, with_image: bool) -> BlockSample:
+    """Cut one block out of a case: embeddings, image, label (labeled cases) and pseudo-label +
+    confidence (unlabeled cases that have one) all get the same depth block, in-plane crop,
+    flips and transpose. A labeled case never carries a pseudo-label target."""
+    full = tuple(item.image.shape[1:])
+    out_size = full if geo.pixels is None else (geo.pixels[1] - geo.pixels[0], geo.pixels[3] - geo.pixels[2])
+    x = apply_geometry(item.emb, geo, block, True).float()
+    image = apply_geometry(torch.from_numpy(item.image), geo, block, False)[None] if with_image else None
+    labeled = item.role == "labeled"
+    label = apply_geometry(targets["label"], geo, block, False) if labeled else torch.zeros((block, *out_size), dtype=torch.uint8)
+    has_pseudo = (not labeled) and "pseudo" in targets
+    if has_pseudo:
+        pseudo = torch.stack([apply_geometry(p, geo, block, False) for p in targets["pseudo"]])
+        conf = torch.stack([apply_geometry(c, geo, block, False) for c in targets["conf"]])
+    else:
+        pseudo = conf = torch.zeros((num_labels, block, *out_size))
+    return BlockSample(x, image, labeled, has_pseudo, label, pseudo, conf)
+
+
 def perturb(x: torch.Tensor, noise: float, dropout: float, gen: torch.Generator) -> torch.Tensor:
     """Feature perturbation of a (B, C, D, G, G) block: a Gaussian gain per (sample, channel,
     slice) and channel dropout; one broadcast multiply (cheap next to the decoder)."""
@@ -494,11 +528,15 @@ class Trainer:
     # -------------------------------------------------------------- pseudo-labels
 
     def _coarse(self, item: Item) -> np.ndarray:
-        """The student's coarse label map on a whole volume (blockwise, Algorithm 1)."""
+        """The coarse label map M_c that prompts the teachers, on a whole volume (blockwise,
+        Algorithm 1): from the EMA teacher (the averaged student, the one validation keeps),
+        post-processed as validation is (largest component when configured)."""
         emb = item.emb.float().permute(1, 0, 2, 3)
-        probs = self.student.infer(emb, item.image.shape[1:], self.device, self._image(item))
-        self.student.train()
-        return probs_to_label(probs)
+        probs = self.ema.model.infer(emb, item.image.shape[1:], self.device, self._image(item))
+        label = probs_to_label(probs)
+        if self.cfg.validation.largest_component:
+            label = keep_largest_component(label)
+        return label
 
     def _image(self, item: Item) -> Optional[torch.Tensor]:
         """The training-grid image for a student with an image branch, else None."""
@@ -533,37 +571,53 @@ class Trainer:
             for k in range(1, self.num_labels + 1):
                 pl = self.labeler(it.image, coarse == k, key=f"{it.id}:{k}")
                 per_label.append(pl.as_stored() if pl is not None else None)
-            mine[it.id] = per_label
-        results: Dict[str, list] = {}
+            mine[it.id] = (per_label, self._pseudo_stats(it, per_label, coarse))
+        results: Dict[str, tuple] = {}
         for part in self.dist.gather(mine):
             results.update(part)
         stats = []
-        for cid, per_label in results.items():
+        for cid, (per_label, _) in results.items():
             self.pseudo[cid] = per_label
             if self.dist.main:
                 for k, pl in enumerate(per_label, start=1):
                     self.store.put(f"{cid}:{k}", pl, t_epoch)
         for it in self.unlabeled:
             if it.id in results:
-                stats.append(self._pseudo_stats(it, results[it.id]))
+                stats.append(results[it.id][1])
         return {
             "refreshed": len(results), "seconds": round(time.time() - t0, 1),
             "empty": sum(s["empty"] for s in stats),
             "confident_fraction": _mean([s["confident_fraction"] for s in stats]),
+            "confident_fraction_in_union": _mean([s["confident_fraction_in_union"] for s in stats]),
             "dice_vs_reference": _mean([s["dice"] for s in stats if s["dice"] is not None]),
+            "coarse_dice_vs_reference": _mean([s["coarse_dice"] for s in stats if s["coarse_dice"] is not None]),
         }
 
-    def _pseudo_stats(self, it: Item, per_label: list) -> Dict[str, Any]:
+    def _pseudo_stats(self, it: Item, per_label: list, coarse: np.ndarray) -> Dict[str, Any]:
+        """Per unlabeled case: how many structures got no pseudo-label, the confident fraction
+        over the volume and inside the union of the coarse mask and the pseudo-label (where the
+        teachers have something to say; outside it every prediction is 0 and trivially agreed),
+        and, when the case has a reference label, the Dice of the pseudo-label (the teachers'
+        mean > 0.5) and of the coarse mask that prompted them."""
         empty = sum(pl is None for pl in per_label)
         conf = [float(pl.confidence.mean()) for pl in per_label if pl is not None]
-        dice = None
+        inside = []
+        pred = np.zeros(it.image.shape, np.uint8)
+        for k, pl in enumerate(per_label, start=1):
+            if pl is None:
+                continue
+            fg = pl.mean > 0.5
+            pred[fg] = k
+            union = fg | (coarse == k)
+            if union.any():
+                inside.append(float(pl.confidence[union].mean()))
+        dice = coarse_dice = None
         if it.reference is not None:
-            pred = np.zeros(it.image.shape, np.uint8)
-            for k, pl in enumerate(per_label, start=1):
-                if pl is not None:
-                    pred[(pl.mean > 0.5)] = k
-            dice = dice_hd95(pred, it.reference, self._spacing_zyx(it), self.num_labels, hd95=False)[0]
-        return {"empty": empty, "confident_fraction": _mean(conf), "dice": dice}
+            spacing = self._spacing_zyx(it)
+            dice = dice_hd95(pred, it.reference, spacing, self.num_labels, hd95=False)[0]
+            coarse_dice = dice_hd95(coarse.astype(np.uint8), it.reference, spacing, self.num_labels, hd95=False)[0]
+        return {"empty": empty, "confident_fraction": _mean(conf), "confident_fraction_in_union": _mean(inside),
+                "dice": dice, "coarse_dice": coarse_dice}
 
     def _load_stored_pseudo(self) -> None:
         for it in self.unlabeled:
@@ -620,19 +674,16 @@ class Trainer:
             for idx in batch:
                 it = items[idx]
                 geo = draw_geometry(rng, it.image.shape[0], block, cfg, square, grid, full_size)
-                out_size = full_size if geo.pixels is None else (geo.pixels[1] - geo.pixels[0], geo.pixels[3] - geo.pixels[2])
-                xs.append(apply_geometry(it.emb, geo, block, True).float())
-                if self.student.uses_image:  # the same crop and flips as the embeddings
-                    imgs.append(apply_geometry(torch.from_numpy(it.image), geo, block, False)[None])
-                tg = self._targets(it)
-                lab = it.role == "labeled"
-                is_lab.append(lab)
-                labels.append(apply_geometry(tg["label"], geo, block, False) if lab else torch.zeros((block, *out_size), dtype=torch.uint8))
-                hp = (not lab) and "pseudo" in tg
-                has_pseudo.append(hp)
-                k = self.student.config.num_labels
-                pseudo.append(torch.stack([apply_geometry(p, geo, block, False) for p in tg["pseudo"]]) if hp else torch.zeros((k, block, *out_size)))
-                conf.append(torch.stack([apply_geometry(c, geo, block, False) for c in tg["conf"]]) if hp else torch.zeros((k, block, *out_size)))
+                sample = block_sample(it, self._targets(it), geo, block, self.student.config.num_labels, self.student.uses_image)
+                xs.append(sample.x)
+                if sample.image is not None:
+                    imgs.append(sample.image)
+                is_lab.append(sample.labeled)
+                has_pseudo.append(sample.has_pseudo)
+                labels.append(sample.label)
+                pseudo.append(sample.pseudo)
+                conf.append(sample.conf)
+                out_size = tuple(sample.label.shape[1:])  # crops of one size: the same for every block
             x = torch.stack(xs).to(self.device)
             x_s = perturb(x, cfg.augment.feature_noise, cfg.augment.feature_dropout, gen)
             img = torch.stack(imgs).to(self.device) if imgs else None
@@ -657,11 +708,19 @@ class Trainer:
                     hp = torch.tensor(has_pseudo)
                     if hp.any():
                         fg = _structure_probs(probs)[hp.to(self.device)]
-                        rs = region_consistency_loss(fg, torch.stack(pseudo)[hp].to(self.device), torch.stack(conf)[hp].to(self.device))
+                        rs = pseudo_label_loss(fg, torch.stack(pseudo)[hp].to(self.device), torch.stack(conf)[hp].to(self.device),
+                                               cfg.loss.pseudo_loss, cfg.loss.dice_weight, cfg.loss.ce_weight)
                         if rs is not None:
                             terms["rs_con"] = rs
                 zero = logits.sum() * 0.0  # keeps every parameter in the graph (DDP)
                 total = terms.get("sup", zero) + lam * terms.get("con", zero) + beta * terms.get("rs_con", zero)
+                if not bool(torch.isfinite(total)):
+                    bad = ", ".join(f"{k} {float(v)}" for k, v in terms.items() if not bool(torch.isfinite(v))) or f"logits {float(logits.abs().max())}"
+                    raise SemiSAMError(
+                        f"the loss is not finite in {cfg.phase_list()[phase][1]} epoch {epoch + 1}, step {step + 1} ({bad}); training stopped "
+                        f"and {self.out / 'last.pt'} keeps the last finished epoch. Try a lower phases.{cfg.phase_list()[phase][1]}.lr, "
+                        f"optim.amp: off, or a training grid with at least student.block_depth ({cfg.student.block_depth}) slices "
+                        f"(preprocess.target_shape, now {tuple(cfg.preprocess.target_shape)})")
                 loss = total / accum
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -726,32 +785,42 @@ class Trainer:
         return len(MixedBatchSampler(len(self.labeled), n_u, self.cfg.data.batch_size, self.cfg.data.labeled_fraction, self.cfg.seed, self.dist.rank, self.dist.world))
 
     def run(self) -> Dict[str, Any]:
-        self._check_output()
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.dist.barrier()
+        if self.out.exists() and not self.out.is_dir():
+            raise SemiSAMError(f"output {self.out} exists and is not a folder")
         self.progress = Progress(self.progress_mode if self.dist.main else "none", stream=self.stream)
         with self.progress:  # an exception escaping set-up or training ends with a "failed" line
-            self._load_data()
-            if not self.labeled:
-                raise SemiSAMError("no labeled training cases (all went to validation?): add labeled cases or set data.validation: 0")
-            self._embed_all()
-            self._build_student()
-            self.best: Dict[str, Any] = {"dice": None, "global_epoch": 0}
-            self._val_probs: List[Tuple[np.ndarray, np.ndarray]] = []  # (probability, label) per validation case, last validation
-            self.teachers = None
-            self.pseudo: Dict[str, list] = {}
-            self._pseudo_version: Dict[str, int] = {}
-            self._target_cache: Dict[str, Dict[str, torch.Tensor]] = {}
-            self._seen: List[Tuple[int, List[str]]] = []  # (global epoch, case ids) per batch, this process
-            from .pseudo_labels import PseudoLabelStore
+            lock = RunLock(self.out).acquire() if self.dist.main else None  # one live run per folder
+            try:
+                if lock is not None and lock.previous:
+                    self._log(f"took over the run lock left by a run that is no longer running ({lock.previous})")
+                return self._run()
+            finally:
+                if lock is not None:
+                    lock.release()
 
-            self.store = PseudoLabelStore(self.out / "pseudo_labels")
-            state = self._load_state() if self.resume else None
-            if self.resume and state is None:
-                self._log(f"nothing to resume in {self.out} (no last.pt): starting from the beginning", "warning")
-            self.progress.set_plan([(p, name, ph.epochs, self.steps_per_epoch(p)) for p, name, ph in self.cfg.phase_list()])
-            return self._train(state)
+    def _run(self) -> Dict[str, Any]:
+        self._check_output()
+        self.dist.barrier()
+        self._load_data()
+        if not self.labeled:
+            raise SemiSAMError("no labeled training cases (all went to validation?): add labeled cases or set data.validation: 0")
+        self._embed_all()
+        self._build_student()
+        self.best: Dict[str, Any] = {"dice": None, "global_epoch": 0}
+        self._val_probs: List[Tuple[np.ndarray, np.ndarray]] = []  # (probability, label) per validation case, last validation
+        self.teachers = None
+        self.pseudo: Dict[str, list] = {}
+        self._pseudo_version: Dict[str, int] = {}
+        self._target_cache: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._seen: List[Tuple[int, List[str]]] = []  # (global epoch, case ids) per batch, this process
+        from .pseudo_labels import PseudoLabelStore
+
+        self.store = PseudoLabelStore(self.out / "pseudo_labels")
+        state = self._load_state() if self.resume else None
+        if self.resume and state is None:
+            self._log(f"nothing to resume in {self.out} (no last.pt): starting from the beginning", "warning")
+        self.progress.set_plan([(p, name, ph.epochs, self.steps_per_epoch(p)) for p, name, ph in self.cfg.phase_list()])
+        return self._train(state)
 
     def _train(self, state: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         cfg = self.cfg
@@ -769,6 +838,11 @@ class Trainer:
             write_config(self.out / "config.yaml", cfg, overwrite=True)
         semi_start = sum(ph.epochs for _, _, ph in cfg.phase_list()[:1])
         self._last_plot = 0.0
+        self._best_later: Optional[float] = None
+        if self.unlabeled and cfg.loss.lambda_max > 0 and 0 < cfg.phases.semi.epochs < cfg.loss.ramp_up:
+            self._log(f"loss.ramp_up ({cfg.loss.ramp_up:g} epochs) is longer than phase 1 ({cfg.phases.semi.epochs} epochs): "
+                      f"lambda reaches only {consistency_weight(cfg.phases.semi.epochs, cfg.loss.lambda_max, cfg.loss.ramp_up):.3g} "
+                      f"of lambda_max {cfg.loss.lambda_max:g} there; shorten loss.ramp_up or lengthen phases.semi.epochs", "warning")
         t_start = time.time()
         if self.dist.main:
             self.progress.start(output=str(self.out), world_size=self.dist.world, device=str(self.device), resumed=state is not None)
@@ -809,14 +883,17 @@ class Trainer:
                     if validate:
                         dice, hd = self._validate()
                         record["val_dice"], record["val_hd95"] = dice, hd
+                        if phase > 0 and dice is not None:
+                            self._best_later = max(self._best_later or 0.0, dice)
                         better = dice is None or self.best["dice"] is None or dice > self.best["dice"]
                         if better:
                             self.best = {"dice": dice, "global_epoch": global_epoch, "phase": phase}
                             self._save_best(dice, phase, global_epoch)
                     record["time_s"] = round(time.time() - t0, 2)
+                    # last.pt first: a Stop that arrives once the epoch's line is out loses nothing
+                    self._save_state(self._state(phase, epoch + 1, global_epoch, opt_steps))
                     record = self.progress.epoch(record)
                     metrics.append(record)
-                    self._save_state(self._state(phase, epoch + 1, global_epoch, opt_steps))
                     if epoch == ph.epochs - 1 or time.time() - self._last_plot > 30.0:  # drawing costs ~0.5 s
                         self._plot(metrics)
                 self.dist.barrier()
@@ -830,6 +907,10 @@ class Trainer:
         if self.dist.main:
             if not (self.out / "best.pt").exists():
                 self._save_best(None, start_phase, global_epoch)
+            if self.best.get("phase") == 0 and self._best_later is not None and self.best.get("dice") is not None:
+                self._log(f"best.pt is the warm-up checkpoint (epoch {self.best['global_epoch']}, validation Dice {self.best['dice']:.3f}): "
+                          f"no later epoch beat it on validation (best later {self._best_later:.3f}); the unlabeled data did not help this run", "warning")
+            summary["best_phase"] = self.best.get("phase")
             self.progress.final("finished", **summary)
         dump = os.environ.get("SEMISAM_DEBUG_DUMP")
         if dump:  # for tests: what this process saw and the weights it ended with

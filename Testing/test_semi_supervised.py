@@ -1,0 +1,227 @@
+"""The semi-supervised part of training, in process, on a tiny phantom cohort: the unlabeled loss
+terms are there and touch what they should, pseudo-label targets follow the block's geometry,
+a non-finite loss stops with a message, one run per output folder, and the pseudo-label
+statistics the benchmark reports."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from semisam.demo import demo_config
+from semisam.errors import SemiSAMError
+from semisam.losses import pseudo_label_loss, region_consistency_loss
+from semisam.runlock import RunLock, RunLocked
+from semisam.training import BlockGeometry, Item, Trainer, apply_geometry, block_sample, draw_geometry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ the loss
+
+
+def test_pseudo_label_loss_sees_confident_voxels_only():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand((2, 1, 4, 8, 8), generator=g)
+    pseudo = (torch.rand((2, 1, 4, 8, 8), generator=g) > 0.5).float() * 0.9
+    conf = torch.zeros_like(p)
+    conf[:, :, :2] = 1.0
+    base = pseudo_label_loss(p, pseudo, conf, "dice_ce")
+    moved = p.clone()
+    moved[:, :, 2:] = 1.0 - moved[:, :, 2:]  # change the student only where nothing is confident
+    assert float(pseudo_label_loss(moved, pseudo, conf, "dice_ce")) == pytest.approx(float(base), abs=1e-6)
+    target = (pseudo > 0.5).float()
+    right = pseudo_label_loss(target * 0.98 + 0.01, pseudo, conf, "dice_ce")
+    wrong = pseudo_label_loss((1 - target) * 0.98 + 0.01, pseudo, conf, "dice_ce")
+    assert float(right) < 0.1 < 1.5 < float(wrong)
+    assert pseudo_label_loss(p, pseudo, torch.zeros_like(p), "dice_ce") is None
+    assert float(pseudo_label_loss(p, pseudo, conf, "mse")) == pytest.approx(float(region_consistency_loss(p, pseudo, conf)))
+    with pytest.raises(ValueError, match="dice_ce"):
+        pseudo_label_loss(p, pseudo, conf, "l1")
+
+
+def test_dice_ce_pseudo_loss_pulls_boundary_voxels_harder_than_the_mse():
+    """The reason for the default: on a small target in a mostly confident background, the MSE's
+    gradient on a wrong foreground voxel is ~100x smaller than Dice + CE's."""
+    p = torch.full((1, 1, 8, 32, 32), 0.02)
+    pseudo = torch.zeros_like(p)
+    pseudo[..., 14:18, 14:18] = 1.0
+    conf = torch.ones_like(p)
+    grads = {}
+    for kind in ("mse", "dice_ce"):
+        q = p.clone().requires_grad_(True)
+        pseudo_label_loss(q, pseudo, conf, kind).backward()
+        grads[kind] = float(q.grad[0, 0, 4, 15, 15].abs())
+    assert grads["dice_ce"] > 50 * grads["mse"]
+
+
+# ------------------------------------------------------------------------------ block targets
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pseudo_targets_follow_the_blocks_crop_and_flips(seed):
+    """A pseudo-label equal to channel 0 of the embeddings (upsampled) must still equal it, token
+    for token, after the block's depth window, in-plane crop, flips and transpose."""
+    from semisam.config import TrainConfig
+
+    rng = np.random.default_rng(seed)
+    z, grid, px = 12, 16, 48  # 3 pixels per token
+    emb = torch.from_numpy(rng.random((z, 4, grid, grid)).astype(np.float16))
+    up = np.repeat(np.repeat(emb[:, 0].float().numpy(), 3, axis=1), 3, axis=2)
+    item = Item("u", "unlabeled", rng.random((z, px, px)).astype(np.float32), (1.0, 1.0, 1.0), emb=emb)
+    targets = {"pseudo": torch.from_numpy(up[None]), "conf": torch.from_numpy((up[None] > 0.5).astype(np.float32))}
+    cfg = TrainConfig()
+    cfg.augment.inplane_crop = 10
+    geo = draw_geometry(rng, z, 8, cfg, True, (grid, grid), (px, px))
+    s = block_sample(item, targets, geo, 8, 1, with_image=True)
+    assert s.has_pseudo and not s.labeled and s.label.sum() == 0
+    tokens = s.x[0].numpy()  # (D, G', G')
+    expect = np.repeat(np.repeat(tokens, 3, axis=1), 3, axis=2)
+    assert s.pseudo.shape[1:] == expect.shape
+    np.testing.assert_array_equal(s.pseudo[0].numpy(), expect)
+    np.testing.assert_array_equal(s.conf[0].numpy(), (expect > 0.5).astype(np.float32))
+    np.testing.assert_array_equal(s.image[0].numpy(), apply_geometry(torch.from_numpy(item.image), geo, 8, False).numpy())
+
+
+def test_a_labeled_block_never_carries_a_pseudo_label():
+    z = 8
+    item = Item("l", "labeled", np.zeros((z, 16, 16), np.float32), (1.0, 1.0, 1.0), label=np.ones((z, 16, 16), np.uint8),
+                emb=torch.zeros((z, 2, 4, 4), dtype=torch.float16))
+    targets = {"label": torch.from_numpy(item.label), "pseudo": torch.ones((1, z, 16, 16)), "conf": torch.ones((1, z, 16, 16))}
+    s = block_sample(item, targets, BlockGeometry(0, False, False, False, False), 4, 1, with_image=False)
+    assert s.labeled and not s.has_pseudo and float(s.conf.sum()) == 0.0 and int(s.label.sum()) == 4 * 16 * 16
+
+
+# ------------------------------------------------------------------------------ a real training
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from semisam.phantom import write_cohort
+
+    root = tmp_path_factory.mktemp("semi")
+    return root, write_cohort(root / "cohort", 4, 2, seed=3, overwrite=True, validation=1)
+
+
+def tiny_config(root: Path, cohort: Path, name: str):
+    cfg = demo_config(cohort, root / name, root / "cache", seed=0, schedule="tiny")
+    cfg.phases.warmup.epochs, cfg.phases.semi.epochs, cfg.phases.finetune.epochs = 1, 2, 1
+    return cfg
+
+
+class Spy:
+    """Records what reached the pseudo-label loss."""
+
+    def __init__(self, monkeypatch):
+        import semisam.training as training
+
+        self.calls = []
+        real = training.pseudo_label_loss
+
+        def spy(p, pseudo, conf, *args, **kwargs):
+            self.calls.append((p.shape[0], float(conf.sum())))
+            return real(p, pseudo, conf, *args, **kwargs)
+
+        monkeypatch.setattr(training, "pseudo_label_loss", spy)
+
+
+@pytest.fixture(scope="module")
+def semi_run(cohort):
+    """A tiny three-phase run whose teachers are prompted with the hidden truth (the tiny student
+    learns nothing in 1 epoch, and an empty coarse mask gives no pseudo-label)."""
+    root, ds = cohort
+    mp = pytest.MonkeyPatch()
+    spy = Spy(mp)
+    from semisam.training import Trainer as T
+
+    mp.setattr(T, "_coarse", lambda self, it: it.reference.copy())
+    stream = io.StringIO()
+    trainer = Trainer(tiny_config(root, ds, "semi"), progress="json", stream=stream)
+    trainer.run()
+    mp.undo()
+    lines = [json.loads(x) for x in stream.getvalue().splitlines() if x.startswith("{")]
+    return trainer, spy, lines
+
+
+def test_phase_one_trains_on_both_unlabeled_terms(semi_run):
+    trainer, spy, lines = semi_run
+    epochs = [r for r in lines if r["type"] == "epoch"]
+    semi = [r for r in epochs if r["phase"] == 1]
+    assert semi and all(r["losses"].get("con", 0) > 0 and r["losses"].get("rs_con", 0) > 0 for r in semi), [r["losses"] for r in semi]
+    assert all("rs_con" not in r["losses"] and "con" not in r["losses"] for r in epochs if r["phase"] == 0)
+    pseudo = next(r["pseudo"] for r in epochs if r.get("pseudo"))
+    assert pseudo["refreshed"] == 2 and pseudo["empty"] == 0
+    assert pseudo["coarse_dice_vs_reference"] == pytest.approx(1.0)  # the coarse mask was the truth
+    assert 0.5 < pseudo["dice_vs_reference"] <= 1.0
+    assert 0.0 < pseudo["confident_fraction_in_union"] <= 1.0
+    assert pseudo["confident_fraction_in_union"] < pseudo["confident_fraction"]  # the whole volume is mostly trivial background
+
+
+def test_the_pseudo_label_loss_touches_unlabeled_blocks_only(semi_run):
+    trainer, spy, lines = semi_run
+    # tiny schedule: batches of 2 = one labeled + one unlabeled block; only the unlabeled one reaches the loss
+    assert spy.calls and all(n == 1 and c > 0 for n, c in spy.calls), spy.calls[:5]
+
+
+def test_a_phase_shorter_than_its_ramp_is_warned_about(semi_run):
+    _, _, lines = semi_run
+    msgs = [r["text"] for r in lines if r["type"] == "message"]
+    assert any("loss.ramp_up" in m and "longer than phase 1" in m for m in msgs), msgs
+
+
+def test_resume_trains_on_the_same_pseudo_labels_as_an_uninterrupted_run(semi_run):
+    """A resumed Trainer reads back from pseudo_labels/ exactly what the first run trained on."""
+    trainer, _, _ = semi_run
+    again = Trainer(trainer.cfg, progress="none", resume=True)
+    again.run()
+    assert set(again.pseudo) == set(trainer.pseudo) and trainer.pseudo
+    for cid, per_label in trainer.pseudo.items():
+        for a, b in zip(per_label, again.pseudo[cid]):
+            assert a is not None and b is not None
+            assert np.array_equal(a.probability, b.probability) and np.array_equal(a.confidence, b.confidence)
+
+
+def test_a_non_finite_loss_stops_with_a_message_and_keeps_last_pt(cohort, monkeypatch):
+    import semisam.training as training
+    from semisam.models.checkpoints import safe_torch_load
+
+    root, ds = cohort
+    monkeypatch.setattr(training, "consistency_loss", lambda a, b: torch.tensor(float("nan")))
+    cfg = tiny_config(root, ds, "nan")
+    with pytest.raises(SemiSAMError, match=r"not finite in semi epoch 1.*last\.pt keeps the last finished epoch.*phases\.semi\.lr") as err:
+        Trainer(cfg, progress="none").run()
+    assert "con nan" in str(err.value)
+    state = safe_torch_load(Path(cfg.output) / "last.pt")
+    assert (state["phase"], state["global_epoch"]) == (0, 1)  # the warm-up epoch, intact
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused(cohort):
+    root, ds = cohort
+    cfg = tiny_config(root, ds, "locked")
+    code = f"import sys, time; from semisam.runlock import RunLock; lock = RunLock({str(cfg.output)!r}).acquire(); print('held', flush=True); time.sleep(120)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=rf"another training run \(pid {child.pid} on "):
+            Trainer(cfg, progress="none").run()
+        assert not (Path(cfg.output) / "metrics.jsonl").exists()  # the refused run wrote nothing
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    lock = RunLock(cfg.output).acquire()  # a lock left by a killed run is taken over
+    try:
+        assert lock.previous is not None and f"pid {child.pid}" in lock.previous
+        with pytest.raises(RunLocked):  # and held again, also against this process's own second try
+            RunLock(cfg.output).acquire()
+    finally:
+        lock.release()
