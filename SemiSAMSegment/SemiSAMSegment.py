@@ -6,6 +6,7 @@ This file only wires the GUI to the parameter node and to ``SemiSAMSegmentLib`` 
 logic tested with pytest against real MRML); the model runs on one persistent worker thread.
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,6 +18,8 @@ import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
+
+from SemiSAMSegmentLib.jobs import GilYieldingPoller, outcome, reportErrors
 
 MODULE_DIR = Path(__file__).resolve().parent
 EFFECT_SOURCE = MODULE_DIR / "SemiSAMSegmentLib" / "SegmentEditorEffect.py"
@@ -39,6 +42,7 @@ class SemiSAMSegment(ScriptedLoadableModule):
         slicer.app.connect("startupCompleted()", registerEffect)
 
 
+@reportErrors("SemiSAM: the Segment Editor effect could not be registered.")
 def registerEffect():
     """Register the SemiSAM Segment Editor effect (called once Slicer has started)."""
     import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -51,14 +55,24 @@ def registerEffect():
     effect.self().register()
 
 
-def ensureRequirements(parent=None) -> bool:
+def ensureRequirements(parent=None, extras=()) -> bool:
     """Check SemiSAM's Python requirements; install what is missing after ONE confirmation that
-    lists everything. torch comes from the PyTorch extension; Slicer's own packages are kept."""
+    lists everything. torch comes from the PyTorch extension; Slicer's own packages are kept.
+    ``extras``: optional groups (``"medsam2"``: the sam2 package, built from source).
+
+    In testing mode (``slicer.app.testingEnabled()``) nothing is installed: missing packages
+    make it return False after logging what is missing (self-tests skip on that)."""
     from SemiSAMSegmentLib import dependencies
 
-    plan = dependencies.plan()
+    plan = dependencies.plan(extras=extras)
+    if plan.conflicts:
+        slicer.util.errorDisplay("SemiSAM cannot use this Slicer's Python packages:\n" + "\n".join(plan.conflicts))
+        return False
     if not plan.needed:
         return True
+    if slicer.app.testingEnabled():
+        logging.warning("SemiSAM: testing mode, nothing is installed; missing:\n" + plan.summary())
+        return False
     if not slicer.util.confirmOkCancelDisplay(plan.summary(), "SemiSAM: install Python packages", parent=parent):
         return False
     with slicer.util.WaitCursor():
@@ -74,21 +88,37 @@ def ensureRequirements(parent=None) -> bool:
                 if torch is None:
                     slicer.util.errorDisplay("PyTorch could not be installed; see the Python console for pip's output.")
                     return False
-        plan = dependencies.plan()  # torch may have brought some of them
+        plan = dependencies.plan(extras=extras)  # torch may have brought some of them
         if plan.pip:
             constraints = dependencies.write_constraints(plan, Path(slicer.app.temporaryPath))
-            pydeps = getattr(slicer, "packaging", None) or getattr(slicer, "pydeps", None)  # Slicer >= 5.11
-            if pydeps is not None and hasattr(pydeps, "pip_ensure"):
+            packaging = _slicerPackaging()
+            if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.12
                 from packaging.requirements import Requirement
 
-                pydeps.pip_ensure([Requirement(spec) for spec in plan.pip], constraints=str(constraints), prompt_install=False, requester="SemiSAM")
-            else:  # older Slicer: plain pip, constrained to Slicer's own versions
-                slicer.util.pip_install(" ".join(f'"{a}"' if " " in a else a for a in plan.pip_arguments(constraints)))
-    missing = dependencies.plan()
+                packaging.pip_ensure([Requirement(spec) for spec in plan.pip], constraints=str(constraints), prompt_install=False, requester="SemiSAM")
+            else:  # older Slicer: plain pip, constrained to Slicer's own versions. A list, not one
+                # string: a string is shlex.split, which eats the backslashes of a Windows path.
+                slicer.util.pip_install(plan.pip_arguments(constraints))
+    missing = dependencies.plan(extras=extras)
     if missing.needed:
         slicer.util.errorDisplay("Some packages are still missing after the installation:\n" + missing.summary())
         return False
     return True
+
+
+def _slicerPackaging():
+    """``slicer.packaging`` (Slicer >= 5.12), or None. It is a submodule: ``slicer.packaging``
+    is only an attribute once something imported it, so import it here."""
+    try:
+        import slicer.packaging
+
+        return slicer.packaging
+    except ImportError:
+        return None
+
+
+#: Colour table of the uncertainty overlay (one of Slicer's colour files, Base/Logic/Resources/ColorFiles).
+UNCERTAINTY_COLOR_FILE = "Inferno.txt"
 
 
 @parameterNodeWrapper
@@ -109,12 +139,15 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._worker = None
-        self._future = None
+        self._job = None  # (Future, SemiSAMSegmentLib.logic.OneClickJob) while a segmentation runs
         self._progress = (0, 0)
         self._cancelled = False
+        # A single-shot timer drives the poller: while a job runs it ticks at once again after
+        # yielding the GIL to the worker (SemiSAMSegmentLib/jobs.py explains why).
         self._timer = qt.QTimer()
-        self._timer.setInterval(100)
-        self._timer.connect("timeout()", self._poll)
+        self._timer.setSingleShot(True)
+        self._timer.connect("timeout()", self._tick)
+        self._poller = GilYieldingPoller(self._poll, self._timer.start)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -135,14 +168,17 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
         self.ui.studentPathLineEdit.connect("currentPathChanged(QString)", self._onStudentChanged)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChosen)
         self._fillModelList()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.removeObservers()
+        self._poller.stop()
         self._timer.stop()
         if self._worker is not None:
             self._worker.shutdown(wait=False)
+            self._worker = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -153,9 +189,11 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
+    @reportErrors("SemiSAM: could not react to the scene being closed.")
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
 
+    @reportErrors("SemiSAM: could not react to the scene being closed.")
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
@@ -183,28 +221,33 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Students in the models folder (``<models>/students/*.pt``) as quick choices."""
         from SemiSAMSegmentLib.logic import student_checkpoints
 
+        self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
         self.ui.modelComboBox.addItem("(choose a file below)", "")
         try:
             for path in student_checkpoints():
                 self.ui.modelComboBox.addItem(path.stem, str(path))
-        except Exception as exc:  # the models folder is optional
-            logging_warning(f"SemiSAM: cannot list students: {exc}")
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChosen)
+        except Exception as exc:  # the models folder is optional: say why the list is empty
+            logging.warning(f"SemiSAM: cannot list students: {exc}")
+            self.ui.statusLabel.text = f"No student list: {exc}"
+        self.ui.modelComboBox.blockSignals(False)
 
+    @reportErrors("SemiSAM: could not use the chosen student.")
     def _onModelChosen(self, index: int) -> None:
         path = self.ui.modelComboBox.itemData(index)
         if path:
             self.ui.studentPathLineEdit.currentPath = path
 
+    @reportErrors("SemiSAM: could not use the chosen student.")
     def _onStudentChanged(self, path: str) -> None:
         if self._parameterNode:
             self._parameterNode.studentCheckpoint = path
 
+    @reportErrors("SemiSAM: could not update the buttons.")
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
         ready = bool(p and p.inputVolume and p.studentCheckpoint)
-        busy = self._future is not None
+        busy = self._job is not None
         self.ui.applyButton.enabled = ready and not busy
         self.ui.applyButton.toolTip = (
             "Segment the input volume with the student" if ready else "Choose an input volume and a trained student (.pt) first"
@@ -220,14 +263,18 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._worker = ModelWorker(lambda: None, name="SemiSAM one-click worker")
         return self._worker
 
+    @reportErrors("SemiSAM segmentation could not start.")
     def onApplyButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("SemiSAM segmentation could not start.", waitCursor=True):
+        with slicer.util.WaitCursor():
             if not ensureRequirements(slicer.util.mainWindow()):
                 return
-            from SemiSAMSegmentLib import mrml
+            from SemiSAMSegmentLib.logic import OneClickJob
 
             p = self._parameterNode
-            volume = mrml.volume_from_node(p.inputVolume)  # read on the GUI thread (MRML is not thread-safe)
+            # Everything the result belongs to is fixed now: the volume that was submitted (not
+            # whatever is selected when the result arrives) and the scene it lives in.
+            target = OneClickJob.submit(p.inputVolume, p.outputSegmentation, p.uncertaintyVolume)
+            volume = target.volume  # read on the GUI thread (MRML is not thread-safe)
             checkpoint, device, uncertainty = p.studentCheckpoint, p.device, p.uncertainty
             self._cancelled = False
             self._progress = (0, 0)
@@ -235,76 +282,100 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             def job(_model, cancel_event):
                 return self.logic.segment_arrays(volume, checkpoint, device, uncertainty, progress=self._setProgress, cancel=cancel_event.is_set)
 
-            self._future = self._workerInstance().submit(job)
+            self._job = (self._workerInstance().submit(job), target)
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.show()
             self.ui.cancelButton.show()
             self.ui.statusLabel.text = "Embedding slices..."
             self._checkCanApply()
-            self._timer.start()
+            self._poller.start()
 
     def _setProgress(self, done: int, total: int) -> None:  # worker thread: only store numbers
         self._progress = (done, total)
 
+    @reportErrors("SemiSAM: could not cancel.")
     def onCancelButton(self) -> None:
         self._cancelled = True
         if self._worker is not None:
             self._worker.cancel()
         self.ui.statusLabel.text = "Cancelling..."
 
-    def _poll(self) -> None:
+    @reportErrors("SemiSAM: the segmentation's result could not be handled.")
+    def _tick(self) -> None:
+        self._poller.tick()
+
+    @property
+    def busy(self) -> bool:
+        """True while a one-click segmentation runs (self-tests wait on it)."""
+        return self._job is not None
+
+    def _poll(self) -> bool:
+        """One poller tick: progress, and the result once the job is done. True while pending."""
         done, total = self._progress
         if total:
             self.ui.progressBar.setValue(int(100 * done / total))
             self.ui.statusLabel.text = f"Embedding slices: {done} / {total}" if done < total else "Decoding..."
-        future = self._future
-        if future is None or not future.done():
-            return
-        self._timer.stop()
-        self._future = None
+        if self._job is None:
+            return False
+        future, target = self._job
+        if not future.done():
+            return True
+        self._job = None
         self.ui.progressBar.hide()
         self.ui.cancelButton.hide()
         self._checkCanApply()
-        if future.cancelled() or self._cancelled:
+        state, exc = outcome(future, self._cancelled)
+        if state == "cancelled":
             self.ui.statusLabel.text = "Cancelled."
-            return
-        exc = future.exception()
-        if exc is not None:
-            from semisam.inference import Cancelled
+            return False
+        if state == "failed":
+            self.ui.statusLabel.text = f"Failed: {exc}"
+            from SemiSAMSegmentLib.jobs import show_error
 
-            if isinstance(exc, Cancelled):
-                self.ui.statusLabel.text = "Cancelled."
-                return
-            self.ui.statusLabel.text = "Failed."
-            slicer.util.errorDisplay(f"SemiSAM segmentation failed: {exc}", detailedText=_traceback(exc))
+            show_error("SemiSAM segmentation failed.", exc)
+            return False
+        self._applyResult(future.result(), target)
+        return False
+
+    def _applyResult(self, result, target) -> None:
+        with slicer.util.WaitCursor():
+            written = self.logic.core.apply_job(result, target)
+        if written is None:
+            self.ui.statusLabel.text = target.dropped_reason()
             return
-        with slicer.util.tryWithErrorDisplay("Could not write the segmentation into the scene.", waitCursor=True):
-            result = future.result()
-            p = self._parameterNode
-            seg, unc = self.logic.apply(result, p.inputVolume, p.outputSegmentation, p.uncertaintyVolume)
+        seg, unc = written
+        p = self._parameterNode
+        if p is not None and p.inputVolume is target.volume_node:
             p.outputSegmentation = seg
             if unc is not None:
                 p.uncertaintyVolume = unc
-                slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=unc, foregroundOpacity=0.4)
-                unc.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeInferno")
-            seg.CreateClosedSurfaceRepresentation()
-            voxels = int((result.label > 0).sum())
-            self.ui.statusLabel.text = f"Done in {result.seconds:.1f} s: {len(result.names)} structure(s), {voxels} voxels."
+        if unc is not None:
+            slicer.util.setSliceViewerLayers(background=target.volume_node, foreground=unc, foregroundOpacity=0.4)
+            colorId = slicer.vtkMRMLColorLogic.GetFileColorNodeID(UNCERTAINTY_COLOR_FILE)
+            if slicer.mrmlScene.GetNodeByID(colorId) is not None:
+                unc.GetDisplayNode().SetAndObserveColorNodeID(colorId)
+            else:
+                logging.warning(f"SemiSAM: colour table {colorId} is not in the scene; the uncertainty keeps the default colours")
+        seg.CreateClosedSurfaceRepresentation()
+        voxels = int((result.label > 0).sum())
+        self.ui.statusLabel.text = f"Done in {result.seconds:.1f} s: {len(result.names)} structure(s), {voxels} voxels in '{seg.GetName()}'."
 
     # -------------------------------------------------------------- export / refine
 
+    @reportErrors("Export failed.")
     def onExportButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-            p = self._parameterNode
-            fromDicom = bool(p.inputVolume.GetAttribute("DICOM.instanceUIDs"))
-            filters = "NIfTI (*.nii.gz);;NRRD (*.nrrd)" + (";;DICOM SEG (*.dcm)" if fromDicom else "")
-            path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export segmentation", p.outputSegmentation.GetName() + ".nii.gz", filters)
-            if not path:
-                return
-            database = getattr(slicer, "dicomDatabase", None)
+        p = self._parameterNode
+        fromDicom = bool(p.inputVolume.GetAttribute("DICOM.instanceUIDs"))
+        filters = "NIfTI (*.nii.gz);;NRRD (*.nrrd)" + (";;DICOM SEG (*.dcm)" if fromDicom else "")
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export segmentation", p.outputSegmentation.GetName() + ".nii.gz", filters)
+        if not path:
+            return
+        database = getattr(slicer, "dicomDatabase", None)
+        with slicer.util.WaitCursor():
             written = self.logic.export(p.outputSegmentation, p.inputVolume, path, database.fileForInstance if database else None)
-            self.ui.statusLabel.text = f"Exported {written}"
+        self.ui.statusLabel.text = f"Exported {written}"
 
+    @reportErrors("SemiSAM: could not open the Segment Editor.")
     def onRefineButton(self) -> None:
         """Open the Segment Editor on the result with the SemiSAM effect active."""
         p = self._parameterNode
@@ -315,18 +386,6 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.inputVolume:
             editor.setSourceVolumeNode(p.inputVolume)
         editor.setActiveEffectByName("SemiSAM")
-
-
-def logging_warning(message: str) -> None:
-    import logging
-
-    logging.warning(message)
-
-
-def _traceback(exc: BaseException) -> str:
-    import traceback
-
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 class SemiSAMSegmentLogic(ScriptedLoadableModuleLogic):

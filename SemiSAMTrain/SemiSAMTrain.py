@@ -21,6 +21,7 @@ import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget
 from slicer.parameterNodeWrapper import Choice, Decimals, Minimum, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
+from SemiSAMSegmentLib.jobs import reportErrors  # SemiSAM Segment is this module's dependency
 
 MODULE_DIR = Path(__file__).resolve().parent
 #: The QSettings key of SemiSAM Segment's student path box (a ctkPathLineEdit history list).
@@ -165,10 +166,12 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
 
+    @reportErrors("SemiSAM Train: could not react to the scene being closed.")
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
         self._tableNode = self._chartNode = None
 
+    @reportErrors("SemiSAM Train: could not react to the scene being closed.")
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
@@ -236,6 +239,7 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 out.append((item.text(), path or None))
         return out
 
+    @reportErrors("SemiSAM Train: could not store the teachers.")
     def _storeTeachers(self, item=None) -> None:
         import json
 
@@ -243,6 +247,7 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and teachers is not None:
             self._parameterNode.teachers = json.dumps([[n, c or ""] for n, c in teachers])
 
+    @reportErrors("SemiSAM Train: could not set the teacher's checkpoint.")
     def onChooseTeacherCheckpoint(self) -> None:
         table = self.ui.teachersTableWidget
         row = table.currentRow()
@@ -263,6 +268,7 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _output(self) -> str:
         return self.ui.outputPathLineEdit.currentPath.strip()
 
+    @reportErrors("SemiSAM Train: the dataset could not be checked.", default=False)
     def onCheckDataset(self) -> bool:
         """Validate the dataset (every file read) and show ``semisam validate``'s messages."""
         if not self._ensureRequirements():
@@ -280,15 +286,17 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.datasetPathLineEdit.addCurrentPathToHistory()
         return check.ok
 
+    @reportErrors("SemiSAM Train: could not reset the settings.")
     def onResetDefaults(self) -> None:
         if self._ensureRequirements():
-            with slicer.util.tryWithErrorDisplay("Could not read the defaults."):
+            with slicer.util.WaitCursor():
                 self.logic.applyDefaults(self._parameterNode, self.ui.baseConfigPathLineEdit.currentPath or None)
 
+    @reportErrors("SemiSAM Train: could not read the base config.")
     def onBaseConfigChanged(self, path: str) -> None:
         """A base config was chosen: show its values (its other settings are used as they are)."""
         if path and os.path.isfile(path):
-            with slicer.util.tryWithErrorDisplay(f"Could not read {path}."):
+            with slicer.util.WaitCursor():
                 self.logic.applyDefaults(self._parameterNode, path)
                 self._log(f"settings from {path}")
 
@@ -305,6 +313,7 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------- start / stop / resume
 
+    @reportErrors("SemiSAM Train: the training could not start.")
     def onStart(self, resume: bool = False) -> None:
         from SemiSAMTrainLib.runner import has_checkpoint
 
@@ -319,7 +328,7 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not slicer.util.confirmYesNoDisplay(f"{self._output()} already holds a training run (last.pt).\n\nResume it?"):
                 return
             resume = True
-        with slicer.util.tryWithErrorDisplay("The training settings are not valid.", waitCursor=True):
+        with slicer.util.WaitCursor():
             configPath, _cfg = self.logic.writeConfig(self._parameterNode, self._dataset(), self._output(), self._teachers(),
                                                       self.ui.baseConfigPathLineEdit.currentPath or None)
             self.ui.outputPathLineEdit.addCurrentPathToHistory()
@@ -331,6 +340,7 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._poll()
         self._updateButtons()
 
+    @reportErrors("SemiSAM Train: could not stop the training.")
     def onStop(self) -> None:
         if self._run is not None and self._run.state.value == "running":
             self._run.stop()
@@ -345,6 +355,7 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------- polling
 
+    @reportErrors("SemiSAM Train: could not read the training's progress.")
     def _poll(self) -> None:
         from SemiSAMTrainLib import runner
 
@@ -414,6 +425,7 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _log(self, text: str) -> None:
         self.ui.logPlainTextEdit.appendPlainText(text)
 
+    @reportErrors("SemiSAM Train: could not update the buttons.")
     def _updateButtons(self, *args) -> None:
         from SemiSAMTrainLib.runner import has_checkpoint
 
@@ -427,11 +439,13 @@ class SemiSAMTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------- results
 
+    @reportErrors("SemiSAM Train: could not show the chart.")
     def onShowChart(self) -> None:
         history = self._run.progress.history if self._run is not None else []
         self._tableNode, self._chartNode = self.logic.updateChart(history, self._tableNode, self._chartNode)
         slicer.modules.plots.logic().ShowChartInLayout(self._chartNode)
 
+    @reportErrors("SemiSAM Train: could not hand the model to SemiSAM Segment.")
     def onUseModel(self) -> None:
         best = self._run.best_checkpoint if self._run is not None else None
         if best is None:

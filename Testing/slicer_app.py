@@ -116,3 +116,128 @@ def clear_scene() -> None:
     slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(app.scene)
     if app.scene.GetNodeByID("vtkMRMLColorTableNodeGrey") is None:
         app.logics["Colors"].AddDefaultColorNodes()
+
+
+# ------------------------------------------------------------------ stand-ins for the GUI kits
+
+
+class _Signal:
+    """What a PythonQt object's ``connect(signal, slot)`` records; :meth:`emit` calls the
+    slots with the signal's arguments, as PythonQt does."""
+
+
+class FakeQObject:
+    """A stand-in for any PythonQt widget, layout or timer: it records ``connect`` calls
+    (``emit(signal, *args)`` calls the slots) and accepts any property."""
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_slots"] = {}
+        self.__dict__["_props"] = {"visible": True, "enabled": True, "checked": False, "value": 0, "text": ""}
+        self.__dict__["started"] = []
+        self.__dict__["stopped"] = 0
+
+    def connect(self, signal, slot):
+        self._slots.setdefault(signal, []).append(slot)
+        return True
+
+    def emit(self, signal, *args):
+        for slot in self._slots.get(signal, []):
+            slot(*args)
+
+    def __getattr__(self, name):
+        if name in self._props:
+            return self._props[name]
+        return lambda *a, **k: None
+
+    def __setattr__(self, name, value):
+        self._props[name] = value
+
+    # QTimer
+    def start(self, ms=0):
+        self.started.append(ms)
+
+    def stop(self):
+        self.__dict__["stopped"] += 1
+
+    # QWidget
+    def show(self):
+        self._props["visible"] = True
+
+    def hide(self):
+        self._props["visible"] = False
+
+    def setValue(self, value):
+        self._props["value"] = value
+
+
+def fake_qt_modules():
+    """``{"qt": ..., "SegmentEditorEffects": ...}`` stand-ins, enough to import and drive
+    ``SegmentEditorEffect.py`` without Qt (put them in ``sys.modules``)."""
+    qt = types.ModuleType("qt")
+    for name in ("QTimer", "QRadioButton", "QPushButton", "QHBoxLayout", "QSpinBox", "QProgressBar", "QLabel", "QIcon"):
+        setattr(qt, name, type(name, (FakeQObject,), {}))
+    effects = types.ModuleType("SegmentEditorEffects")
+
+    class AbstractScriptedSegmentEditorEffect:
+        def __init__(self, scriptedEffect):
+            self.scriptedEffect = scriptedEffect
+
+    effects.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
+    return {"qt": qt, "SegmentEditorEffects": effects}
+
+
+class FakeScriptedEffect:
+    """The C++ side of a scripted Segment Editor effect, on real MRML: its parameter node is a
+    real ``vtkMRMLSegmentEditorNode`` and ``modifySelectedSegmentByLabelmap`` goes through the
+    real ``vtkSlicerSegmentEditorLogic`` (masking and overwrite settings included)."""
+
+    def __init__(self, editor_node):
+        import slicer
+
+        self.name = ""
+        self.perSegment = False
+        self.requireSegments = False
+        self._editor = editor_node
+        self._logic = slicer.vtkSlicerSegmentEditorLogic()
+        self._logic.SetMRMLScene(editor_node.GetScene())
+        self._logic.SetSegmentEditorNode(editor_node)
+        self.parameters = {}
+        self.undo_states = 0
+
+    def parameterSetNode(self):
+        return self._editor
+
+    def saveStateForUndo(self):
+        self.undo_states += 1
+
+    def modifySelectedSegmentByLabelmap(self, labelmap, mode, bypassMasking=False):
+        e = self._editor
+        self._logic.ModifySegmentByLabelmap(e.GetSegmentationNode(), e.GetSelectedSegmentID(), labelmap, mode, [0, -1, 0, -1, 0, -1], True, bypassMasking)
+
+    def addOptionsWidget(self, widget):
+        pass
+
+    def addLabeledOptionsWidget(self, label, widget):
+        pass
+
+    def setParameter(self, name, value):
+        self.parameters[name] = value
+
+    def setParameterDefault(self, name, value):
+        self.parameters.setdefault(name, value)
+
+    def integerParameter(self, name):
+        return int(self.parameters[name])
+
+
+def fake_slicer_gui_names():
+    """What the effect reaches in ``slicer`` beyond MRML: the effect enum class (with the real
+    logic's mode values) and ``slicer.util.WaitCursor``/``mainWindow`` no-ops."""
+    import contextlib
+
+    import slicer
+
+    logic = slicer.vtkSlicerSegmentEditorLogic
+    modes = types.SimpleNamespace(ModificationModeSet=logic.ModificationModeSet, ModificationModeAdd=logic.ModificationModeAdd,
+                                  ModificationModeRemove=logic.ModificationModeRemove)
+    return {"qSlicerSegmentEditorAbstractEffect": modes}, {"WaitCursor": contextlib.nullcontext, "mainWindow": lambda: None}

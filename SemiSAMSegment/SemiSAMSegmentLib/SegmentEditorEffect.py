@@ -5,7 +5,11 @@ Thin: view events become calls on :class:`SemiSAMSegmentLib.interaction.SliceInt
 (prompt state), :mod:`SemiSAMSegmentLib.mrml` (view xy → voxel, segment writes) and a
 :class:`SemiSAMSegmentLib.worker.ModelWorker` whose thread owns a
 :class:`SemiSAMSegmentLib.refine.Refiner` (LiteMedSAM with a per-slice embedding cache; MedSAM2
-for propagation when its checkpoint is configured). The GUI polls the worker with a QTimer.
+for propagation when its checkpoint is configured). The GUI polls the worker from a single-shot
+QTimer through :class:`SemiSAMSegmentLib.jobs.GilYieldingPoller`, which yields the GIL to the
+worker while a job runs (see jobs.py for why). Every callback reports its exceptions
+(:func:`SemiSAMSegmentLib.jobs.reportErrors`). Apply goes through the Segment Editor's
+``modifySelectedSegmentByLabelmap``, so its masking and overwrite settings apply.
 
 Mouse: left click = + click (Shift+left = − click) in "click" mode; left drag = box (in any
 mode). Keys: Enter = Apply, Escape = Cancel, Backspace = undo the last prompt.
@@ -18,6 +22,7 @@ import qt
 import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+from SemiSAMSegmentLib.jobs import GilYieldingPoller, outcome, reportErrors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRAG_PIXELS = 5  # a press and release further apart than this is a box
@@ -38,9 +43,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._progress = (0, 0)
         self._press = None  # (viewWidget, xy) of a left-button press
         self._previewNode = None
+        self._stopRequested = False
         self._timer = qt.QTimer()
-        self._timer.setInterval(50)
-        self._timer.connect("timeout()", self._poll)
+        self._timer.setSingleShot(True)
+        self._timer.connect("timeout()", self._tick)
+        self._poller = GilYieldingPoller(self._poll, self._timer.start)
 
     # -------------------------------------------------------------- what the editor calls
 
@@ -67,6 +74,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             "volume (MedSAM2 when its checkpoint is in the models folder, otherwise LiteMedSAM slice by slice).</html>"
         )
 
+    @reportErrors("SemiSAM: the effect's options could not be built.")
     def setupOptionsFrame(self):
         self.clickModeButton = qt.QRadioButton("+ / − clicks")
         self.clickModeButton.toolTip = "Left click: + click; Shift+left click: − click. Dragging draws a box in any mode."
@@ -112,6 +120,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(self.stopButton)
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
+        self.neighboursSpinBox.connect("valueChanged(int)", self.updateMRMLFromGUI)
         self.applyButton.connect("clicked()", self.onApply)
         self.cancelButton.connect("clicked()", self.onCancel)
         self.propagateNeighboursButton.connect("clicked()", lambda: self.onPropagate(self.neighboursSpinBox.value))
@@ -122,29 +131,47 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def createCursor(self, widget):
         return slicer.util.mainWindow().cursor
 
+    @reportErrors("SemiSAM could not start.")
     def activate(self):
+        # The same one-confirmation install as the module, before anything imports torch.
         self._ensureWorker()
 
+    @reportErrors("SemiSAM: could not deactivate the effect.")
     def deactivate(self):
         self.onCancel()
 
+    def cleanup(self):
+        """Slicer deletes the effect (or reloads the module): stop the poller and the worker."""
+        self._poller.stop()
+        self._timer.stop()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+            self._worker = None
+        self._pending = None
+        self._clearPreview()
+
+    @reportErrors("SemiSAM: could not set the effect's defaults.")
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("Neighbours", 5)
 
+    @reportErrors("SemiSAM: could not update the effect's options.")
     def updateGUIFromMRML(self):
         self.neighboursSpinBox.blockSignals(True)
         self.neighboursSpinBox.value = self.scriptedEffect.integerParameter("Neighbours")
         self.neighboursSpinBox.blockSignals(False)
 
+    @reportErrors("SemiSAM: could not store the effect's options.")
     def updateMRMLFromGUI(self):
         self.scriptedEffect.setParameter("Neighbours", self.neighboursSpinBox.value)
 
+    @reportErrors("SemiSAM: could not switch to the new source volume.")
     def sourceVolumeNodeChanged(self):
         self.onCancel()
         self._volumeKey = None
 
     masterVolumeNodeChanged = sourceVolumeNodeChanged  # Slicer < 5.4
 
+    @reportErrors("SemiSAM could not handle this mouse or key event.", default=False)
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
@@ -171,12 +198,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 return True
             end = callerInteractor.GetEventPosition()
             moved = max(abs(end[0] - start[0]), abs(end[1] - start[1]))
-            with slicer.util.tryWithErrorDisplay("SemiSAM could not use this prompt.", waitCursor=False):
-                if moved > DRAG_PIXELS or self.boxModeButton.checked:
-                    self.onBox(viewWidget, start, end)
-                else:
-                    positive = self.clickModeButton.checked and not shift
-                    self.onClick(viewWidget, start, positive)
+            if moved > DRAG_PIXELS or self.boxModeButton.checked:
+                self.onBox(viewWidget, start, end)
+            else:
+                positive = self.clickModeButton.checked and not shift
+                self.onClick(viewWidget, start, positive)
             return True
         return False
 
@@ -188,13 +214,32 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return p.GetSegmentationNode(), p.GetSelectedSegmentID(), source
 
     def _ensureWorker(self):
+        """The model worker, built after SemiSAM's requirements are confirmed installed (one
+        dialog, as in the module). torch is imported in the worker thread, never here."""
         if self._worker is None:
-            from SemiSAMSegmentLib.refine import Refiner
+            import importlib.util
+
+            from SemiSAMSegment import ensureRequirements
+
+            if not ensureRequirements(slicer.util.mainWindow()):
+                raise RuntimeError("SemiSAM's Python packages are not installed (see the dialog or the Python console); "
+                                   "activate the effect again to install them")
+            from SemiSAMSegmentLib.refine import Refiner, medsam2_checkpoint
             from SemiSAMSegmentLib.worker import ModelWorker
 
-            device = "cuda" if _cudaAvailable() else "cpu"
-            self._worker = ModelWorker(lambda: Refiner(device), name="SemiSAM effect worker")
+            medsam2 = None
+            if medsam2_checkpoint() is not None:  # MedSAM2 is optional: sam2 only when its checkpoint is there
+                if importlib.util.find_spec("sam2") is not None or ensureRequirements(slicer.util.mainWindow(), extras=("medsam2",)):
+                    medsam2 = "auto"
+                else:
+                    self._status("MedSAM2's package (sam2) is not installed: propagation uses LiteMedSAM slice by slice.")
+            self._worker = ModelWorker(lambda: Refiner(_bestDevice(), medsam2=medsam2), name="SemiSAM effect worker")
         return self._worker
+
+    def _status(self, text):
+        if hasattr(self, "statusLabel"):
+            self.statusLabel.text = text
+        logging.info(f"SemiSAM effect: {text}")
 
     def _prepareVolume(self):
         """The source volume's voxels for the worker (read here: MRML is not thread-safe)."""
@@ -218,6 +263,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         segmentationNode, segmentId, source = self._nodes()
         return mrml.segment_array(segmentationNode, segmentId, source).take(index, axis) > 0
 
+    @reportErrors("SemiSAM could not use this click.")
     def onClick(self, viewWidget, xy, positive):
         from SemiSAMSegmentLib import mrml
 
@@ -230,6 +276,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._interaction.add_click(axis, index, row, col, positive, previous=previous)
         self._submitPredict(key, volume)
 
+    @reportErrors("SemiSAM could not use this box.")
     def onBox(self, viewWidget, start, end):
         from SemiSAMSegmentLib import mrml
 
@@ -243,6 +290,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._interaction.set_box(a0, i0, (r0, c0), (r1, c1), previous=previous)
         self._submitPredict(key, volume)
 
+    @reportErrors("SemiSAM could not undo the last prompt.", default=False)
     def onUndoPrompt(self):
         if self._interaction is None or not self._interaction.undo_prompt():
             return False
@@ -267,66 +315,84 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # -------------------------------------------------------------- propagation
 
+    @reportErrors("SemiSAM could not propagate.")
     def onPropagate(self, neighbours):
-        with slicer.util.tryWithErrorDisplay("SemiSAM could not propagate.", waitCursor=False):
-            segmentationNode, segmentId, source, key, volume = self._prepareVolume()
-            inter = self._interaction
-            if inter.axis is None:
-                raise ValueError("click or draw a box on a slice first, then Apply, then propagate from that slice")
-            mask = inter.proposal[inter.region].reshape(inter.plane_shape(inter.axis)) if inter.proposal is not None else self._previousMask(inter.axis, inter.index)
-            axis, index = inter.axis, inter.index
-            spacing = tuple(volume.spacing) if volume is not None else None
-            array = volume.array if volume is not None else None
-            self._progress = (0, 0)
+        segmentationNode, segmentId, source, key, volume = self._prepareVolume()
+        inter = self._interaction
+        if inter.axis is None:
+            raise ValueError("click or draw a box on a slice first, then Apply, then propagate from that slice")
+        mask = inter.proposal[inter.region].reshape(inter.plane_shape(inter.axis)) if inter.proposal is not None else self._previousMask(inter.axis, inter.index)
+        axis, index = inter.axis, inter.index
+        spacing = tuple(volume.spacing) if volume is not None else None
+        array = volume.array if volume is not None else None
+        self._progress = (0, 0)
 
-            def job(refiner, cancel):
-                if array is not None:
-                    refiner.set_volume(array, spacing, key=key)
-                return refiner.propagate(axis, index, mask, slices=neighbours, progress=self._setProgress, cancel=cancel.is_set)
+        def job(refiner, cancel):
+            if array is not None:
+                refiner.set_volume(array, spacing, key=key)
+            return refiner.propagate(axis, index, mask, slices=neighbours, progress=self._setProgress, cancel=cancel.is_set)
 
-            self._start(self._worker.submit(job), ("volume",))
-            self.progressBar.setValue(0)
-            self.progressBar.show()
-            self.stopButton.show()
-            self.statusLabel.text = "Propagating..."
+        self._start(self._ensureWorker().submit(job), ("volume",))
+        self.progressBar.setValue(0)
+        self.progressBar.show()
+        self.stopButton.show()
+        self.statusLabel.text = "Propagating..."
 
     def _setProgress(self, done, total):  # worker thread: numbers only
         self._progress = (done, total)
 
+    @reportErrors("SemiSAM could not stop.")
     def onStop(self):
+        self._stopRequested = True
         if self._worker is not None:
             self._worker.cancel()
+        self._status("Stopping...")
 
     # -------------------------------------------------------------- results
 
     def _start(self, future, kind):
         self._pending = (future, kind)
-        self._timer.start()
+        self._stopRequested = False
+        self._poller.start()
         self._updateButtons()
 
+    @property
+    def busy(self):
+        """True while a prompt or a propagation is being computed (self-tests wait on it)."""
+        return self._pending is not None
+
+    @reportErrors("SemiSAM: the model's answer could not be shown.")
+    def _tick(self):
+        self._poller.tick()
+
     def _poll(self):
+        """One poller tick: progress, and the result once the job is done. True while pending."""
         done, total = self._progress
         if total and self.progressBar.visible:
             self.progressBar.setValue(int(100 * done / total))
         if self._pending is None:
-            self._timer.stop()
-            return
+            return False
         future, kind = self._pending
         if not future.done():
-            return
+            return True
         self._pending = None
-        self._timer.stop()
         self.progressBar.hide()
         self.stopButton.hide()
         self._updateButtons()
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            self.statusLabel.text = f"Failed: {exc}"
-            logging.error(f"SemiSAM effect: {exc}")
-            return
-        mask = future.result()
+        state, exc = outcome(future)
+        if state == "cancelled":
+            self._status("Cancelled.")
+            return False
+        if state == "failed":
+            self._status(f"Failed: {exc}")
+            from SemiSAMSegmentLib.jobs import show_error
+
+            show_error("SemiSAM: the model failed.", exc)
+            return False
+        self._showResult(future.result(), kind)
+        return False
+
+    def _showResult(self, mask, kind):
         if kind[0] == "slice":
             if (kind[1], kind[2]) != (self._interaction.axis, self._interaction.index):
                 return  # the user moved on to another slice
@@ -334,7 +400,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.statusLabel.text = f"Preview: {int(mask.sum())} pixels on this slice. Apply (Enter) or keep clicking."
         else:
             self._interaction.set_volume_proposal(mask)
-            self.statusLabel.text = f"Preview: {int(mask.sum())} voxels through {int(mask.any(axis=(1, 2)).sum()) if mask.ndim == 3 else 0} slice(s). Apply or Cancel."
+            stopped = "Stopped early: preview of the slices done so far. " if self._stopRequested else "Preview: "
+            self.statusLabel.text = f"{stopped}{int(mask.sum())} voxels through {int(mask.any(axis=(1, 2)).sum()) if mask.ndim == 3 else 0} slice(s). Apply or Cancel."
         self._showPreview()
         self._updateButtons()
 
@@ -342,35 +409,37 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         from SemiSAMSegmentLib import mrml
 
         segmentationNode, segmentId, source = self._nodes()
-        if self._previewNode is None or self._previewNode.GetScene() is None:
-            self._previewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "SemiSAM preview")
-            self._previewNode.SetHideFromEditors(True)
-            self._previewNode.CreateDefaultDisplayNodes()
-            display = self._previewNode.GetDisplayNode()
-            display.SetOpacity2DFill(0.25)
-            display.SetOpacity2DOutline(1.0)
+        # Under the source volume's parent transform, like the proposal's voxels.
+        self._previewNode = mrml.preview_node(self._previewNode, source)
         mrml.write_labels_to_segmentation(self._interaction.proposal.astype("uint8"), source, self._previewNode,
-                                          names={1: "SemiSAM proposal"}, colors={1: (1.0, 0.85, 0.1)})
+                                          names={1: "SemiSAM proposal"}, colors={1: (1.0, 0.85, 0.1)}, present=[1])
 
     def _clearPreview(self):
         if self._previewNode is not None and self._previewNode.GetScene() is not None:
             slicer.mrmlScene.RemoveNode(self._previewNode)
         self._previewNode = None
 
+    @reportErrors("SemiSAM could not apply the proposal.")
     def onApply(self):
-        with slicer.util.tryWithErrorDisplay("SemiSAM could not apply the proposal.", waitCursor=True):
-            from SemiSAMSegmentLib import mrml
+        from SemiSAMSegmentLib import mrml
 
-            if self._interaction is None or self._interaction.proposal is None:
-                return
-            segmentationNode, segmentId, source = self._nodes()
+        if self._interaction is None or self._interaction.proposal is None:
+            return
+        segmentationNode, segmentId, source = self._nodes()
+        with slicer.util.WaitCursor():
+            # Through the editor, so that its editable area, intensity range and overwrite
+            # settings apply: remove the region's voxels outside the proposal, then add it.
+            remove, add = mrml.proposal_modifiers(self._interaction.proposal, self._interaction.region, source)
             self.scriptedEffect.saveStateForUndo()
             mask, region = self._interaction.commit()
-            changed = mrml.modify_segment(segmentationNode, segmentId, source, mask, "replace", region=region)
-            self._clearPreview()
-            self.statusLabel.text = f"Applied: {changed} voxel(s) changed. Undo with Ctrl+Z."
-            self._updateButtons()
+            modes = slicer.qSlicerSegmentEditorAbstractEffect
+            self.scriptedEffect.modifySelectedSegmentByLabelmap(remove, modes.ModificationModeRemove)
+            self.scriptedEffect.modifySelectedSegmentByLabelmap(add, modes.ModificationModeAdd)
+        self._clearPreview()
+        self.statusLabel.text = "Applied (within the editor's masking settings). Undo with Ctrl+Z."
+        self._updateButtons()
 
+    @reportErrors("SemiSAM could not cancel.")
     def onCancel(self):
         if self._worker is not None and self._pending is not None:
             self._worker.cancel()
@@ -394,10 +463,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.propagateVolumeButton.enabled = plane and not busy
 
 
-def _cudaAvailable():
-    try:
-        import torch
+def _bestDevice():
+    """cuda when usable, else cpu. Called in the worker thread (the factory): importing torch
+    takes seconds and must not happen on the GUI thread."""
+    import torch
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -54,6 +54,43 @@ class SegmentResult:
     seconds: float
 
 
+@dataclass
+class OneClickJob:
+    """What a one-click segmentation belongs to, fixed when it is submitted: the volume node,
+    its voxels (read on the GUI thread), the output nodes chosen then and the scene. The result
+    goes to these nodes, whatever the module selects meanwhile; :meth:`usable` says when it
+    cannot (the scene was closed, the volume was deleted)."""
+
+    volume_node: object
+    volume: object  # semisam Volume
+    segmentation_node: object = None
+    uncertainty_node: object = None
+    scene: object = None
+    volume_name: str = ""
+
+    @classmethod
+    def submit(cls, volume_node, segmentation_node=None, uncertainty_node=None) -> "OneClickJob":
+        if volume_node is None:
+            raise ValueError("choose an input volume first")
+        scene = volume_node.GetScene()
+        if scene is None:
+            raise ValueError(f"volume '{volume_node.GetName()}' is not in a scene")
+        return cls(volume_node, mrml.volume_from_node(volume_node), segmentation_node, uncertainty_node, scene, volume_node.GetName())
+
+    def usable(self) -> bool:
+        """True while the submitted volume is still in the scene it was submitted from."""
+        node = self.volume_node
+        return node is not None and node.GetScene() is self.scene and self.scene.GetNodeByID(node.GetID()) is node
+
+    def dropped_reason(self) -> str:
+        return (f"The result for '{self.volume_name}' was dropped: the volume left the scene (the scene was closed "
+                "or the volume deleted) while SemiSAM was segmenting it. Segment it again.")
+
+    def output_nodes(self):
+        """The chosen output nodes that are still in the job's scene (None: create new ones)."""
+        return tuple(n if n is not None and n.GetScene() is self.scene else None for n in (self.segmentation_node, self.uncertainty_node))
+
+
 class SemiSAMSegmentLogic:
     """One-click segmentation with a trained student, without any GUI.
 
@@ -107,6 +144,14 @@ class SemiSAMSegmentLogic:
             reference = mrml.volume_from_node(volume_node)
             uncertainty_node = mrml.node_from_volume(reference.with_array(result.uncertainty), f"{name} SemiSAM uncertainty", node=uncertainty_node)
         return segmentation_node, uncertainty_node
+
+    def apply_job(self, result: SegmentResult, job: OneClickJob):
+        """:meth:`apply` for the nodes of a submitted job; None (nothing written) when the job's
+        volume is no longer in its scene (:meth:`OneClickJob.dropped_reason` says so)."""
+        if not job.usable():
+            return None
+        segmentation_node, uncertainty_node = job.output_nodes()
+        return self.apply(result, job.volume_node, segmentation_node, uncertainty_node)
 
     def process(self, volume_node, checkpoint, device: str = "auto", uncertainty: bool = True, segmentation_node=None, uncertainty_node=None,
                 progress=None, cancel=None):

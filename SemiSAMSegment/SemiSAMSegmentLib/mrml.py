@@ -348,6 +348,7 @@ def write_labels_to_segmentation(
     segmentation_node=None,
     names: Optional[Mapping[int, str]] = None,
     colors: Optional[Mapping[int, Sequence[float]]] = None,
+    present: Optional[Sequence[int]] = None,
 ):
     """Write a label map (values 0..K) into a segmentation node, one segment per label value.
 
@@ -365,6 +366,8 @@ def write_labels_to_segmentation(
             after the volume, under the volume's parent transform) when None.
         names: ``{label value: segment name}``; unnamed values are ``target``, ``target 2``, ...
         colors: ``{label value: (r, g, b)}`` in 0..1; the default is ``semisam.export.label_color``.
+        present: the label values to write when the caller knows them (skips the full-volume
+            ``np.unique``, e.g. for a binary preview on the GUI thread).
 
     Returns:
         The segmentation node.
@@ -388,7 +391,8 @@ def write_labels_to_segmentation(
             raise TypeError(f"names[{key}] must be a string, got {type(value).__name__}")
         if not value.strip():
             raise ValueError(f"names[{key}] must not be empty")
-    values = sorted(set(int(v) for v in np.unique(labels) if v > 0) | set(names))
+    found = np.unique(labels) if present is None else [int(v) for v in present]
+    values = sorted(set(int(v) for v in found if v > 0) | set(names))
     chosen = {k: names.get(k, default_segment_name(k)) for k in values}
     folded: Dict[str, int] = {}
     for k, segment_name in chosen.items():
@@ -604,3 +608,57 @@ def slice_xy_to_plane_rc(slice_node, volume_node, xy: Sequence[float]) -> Tuple[
             f"(row {row} of 0..{rows - 1}, column {col} of 0..{cols - 1} on plane {index} of axis {axis})"
         )
     return axis, index, row, col
+
+
+def proposal_modifiers(mask: np.ndarray, region: Region, reference_volume_node):
+    """The two modifier labelmaps that make a segment equal ``mask`` inside ``region`` through
+    the Segment Editor's ``modifySelectedSegmentByLabelmap`` (so its masking and overwrite
+    settings apply): first ``ModificationModeRemove`` with the region's voxels outside the mask,
+    then ``ModificationModeAdd`` with the mask. (``ModificationModeSet`` would clear the
+    segment everywhere, not only in the region.) Both are ``vtkOrientedImageData`` on the
+    reference volume's grid (IJK to RAS, its parent transform excluded, like the segmentation
+    under the same transform), cropped to the region's extent.
+
+    Returns:
+        ``(remove, add)``.
+    """
+    _check_volume_node(reference_volume_node, "reference volume node")
+    shape = _shape_kji(reference_volume_node)
+    mask = _voxel_array(mask, shape, "mask", _name(reference_volume_node)).astype(bool)
+    inside = _region_mask(region, shape)
+    zs, ys, xs = (np.flatnonzero(inside.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    if not len(zs):
+        raise ValueError("the region holds no voxel of the volume")
+    box = (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    extent = (int(xs[0]), int(xs[-1]), int(ys[0]), int(ys[-1]), int(zs[0]), int(zs[-1]))
+    matrix = vtk.vtkMatrix4x4()
+    reference_volume_node.GetIJKToRASMatrix(matrix)
+
+    def image(values: np.ndarray):
+        from vtk.util import numpy_support
+
+        out = slicer.vtkOrientedImageData()
+        out.SetExtent(*extent)
+        out.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        flat = np.ascontiguousarray(values[box].astype(np.uint8)).ravel()  # x fastest, as VTK stores it
+        out.GetPointData().GetScalars().DeepCopy(numpy_support.numpy_to_vtk(flat, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+        out.SetImageToWorldMatrix(matrix)
+        return out
+
+    return image(inside & ~mask), image(inside & mask)
+
+
+def preview_node(node, reference_volume_node, name: str = "SemiSAM preview"):
+    """The hidden segmentation node that shows a proposal: ``node`` when it is still in the
+    scene, else a new one; either way under the reference volume's parent transform (the
+    proposal is on its grid)."""
+    _check_volume_node(reference_volume_node, "reference volume node")
+    if node is None or node.GetScene() is None:
+        node = _scene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.SetHideFromEditors(True)
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.SetOpacity2DFill(0.25)
+        display.SetOpacity2DOutline(1.0)
+    node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
+    return node
