@@ -15,7 +15,7 @@ import ctk
 import qt
 import slicer
 import vtk
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
@@ -414,20 +414,29 @@ class SemiSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 def _selfTestModule():
-    """Load Testing/Python/SemiSAMSegmentSelfTest.py (source tree or install tree)."""
+    """Load Testing/Python/SemiSAMSegmentSelfTest.py from the source tree (the extension's install does
+    not carry it); None when absent."""
     import importlib.util
 
-    for candidate in (MODULE_DIR / "Testing" / "Python" / "SemiSAMSegmentSelfTest.py",):
-        if candidate.is_file():
-            spec = importlib.util.spec_from_file_location("SemiSAMSegmentSelfTest", candidate)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-    return None
+    candidate = MODULE_DIR / "Testing" / "Python" / "SemiSAMSegmentSelfTest.py"
+    if not candidate.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("SemiSAMSegmentSelfTest", candidate)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-try:  # "Reload and Test" runs the class named <Module>Test from this file
-    _tests = _selfTestModule()
-    SemiSAMSegmentTest = _tests.SemiSAMSegmentSelfTest if _tests is not None else None
-except Exception:  # a broken test file must not break the module
-    SemiSAMSegmentTest = None
+class SemiSAMSegmentTest(ScriptedLoadableModuleTest):
+    """What "Reload and Test" runs (ScriptedLoadableModule.runTest looks up <Module>Test): the
+    self-test of Testing/Python when this is a source checkout; otherwise it says so and fails
+    clearly (never a TypeError from a missing class)."""
+
+    def runTest(self):
+        tests = _selfTestModule()
+        if tests is None:
+            raise AssertionError("SemiSAMSegment's self-tests are not installed with the extension: run them from a source checkout "
+                                 "(Testing/Python/SemiSAMSegmentSelfTest.py) or with ctest in a build tree")
+        test = tests.SemiSAMSegmentSelfTest()
+        test.messageDelay = getattr(self, "messageDelay", 50)
+        test.runTest()

@@ -633,3 +633,41 @@ def test_apply_respects_the_editors_masking_and_overwrite_settings(effect_env):
     np.testing.assert_array_equal(b, env.label == 2)  # not overwritten
     for z in (0, 1, 3, 4):  # other slices untouched
         np.testing.assert_array_equal(a[z], env.label[z] == 1)
+
+
+# ------------------------------------------------------------------ 7. Extensions Index readiness
+
+
+def test_extension_metadata_is_ready_for_the_extensions_index():
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    meta = dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', text))
+    assert re.search(r"github\.com/[\w-]+/Slicer\w+$", meta["EXTENSION_HOMEPAGE"]), "the repository name must contain Slicer"
+    repo = meta["EXTENSION_HOMEPAGE"].split("github.com/")[1]
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in meta[key].split():
+            prefix = f"https://raw.githubusercontent.com/{repo}/main/"
+            assert url.startswith(prefix), f"{key} {url} is not in {repo}"
+            path = REPO / url[len(prefix):]
+            assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{key}: no PNG at {path}"
+    # as Slicer's extension template (Utilities/Templates/Extensions/Default/CMakeLists.txt at slicer_source)
+    assert "cmake_minimum_required(VERSION 3.28.0...3.28.0 FATAL_ERROR)" in text
+
+
+@pytest.mark.parametrize("module", ["SemiSAMSegment", "SemiSAMTrain"])
+def test_reload_and_test_finds_a_test_class(module):
+    """ScriptedLoadableModule.runTest calls ``<Module>Test()``: it must be a class, whether or not
+    the Testing/ self-test file is there (the installed extension does not carry it)."""
+    tree = ast.parse((REPO / module / f"{module}.py").read_text(encoding="utf-8"))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert f"{module}Test" in classes, f"{module}.py defines no class {module}Test"
+    assert any(getattr(b, "id", None) == "ScriptedLoadableModuleTest" for b in classes[f"{module}Test"].bases)
+    assigned = [n for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == f"{module}Test" for t in n.targets)]
+    assert not assigned, f"{module}Test is reassigned (it could become None)"
+
+
+@pytest.mark.parametrize("module", ["SemiSAMSegment", "SemiSAMTrain"])
+def test_self_tests_skip_without_packages_and_wait_without_sleeping(module):
+    source = (REPO / module / "Testing" / "Python" / f"{module}SelfTest.py").read_text(encoding="utf-8")
+    assert "time.sleep" not in source, "self-tests must wait through Qt's event loop, as a user's session does"
+    assert "testingEnabled()" in source and "skipTest(" in source
+    assert "Trainer(" not in source, "no training in the segment self-test"

@@ -83,8 +83,10 @@ class SemiSAMTrainSelfTest(ScriptedLoadableModuleTest):
             events.extend(new)
             if until(new) or run.state.terminal:
                 return events
-            slicer.app.processEvents()
-            time.sleep(0.05)
+            # Qt's event loop for 50 ms, as in a user's session (no sleeping outside it)
+            loop = qt.QEventLoop()
+            qt.QTimer.singleShot(50, loop.quit)
+            loop.exec_()
         run.kill()
         self.fail(f"training still {run.state.value} after {timeout:.0f} s; stderr tail:\n" + "\n".join(run.stderr_tail))
 
@@ -94,7 +96,10 @@ class SemiSAMTrainSelfTest(ScriptedLoadableModuleTest):
         from SemiSAMSegment import ensureRequirements
         from SemiSAMTrainLib.settings import gui_values
 
-        self.assertTrue(ensureRequirements(), "SemiSAM's Python requirements are missing")
+        if not ensureRequirements():
+            if slicer.app.testingEnabled():
+                self.skipTest("SemiSAM's Python packages (torch, ...) are not installed; testing mode installs nothing")
+            self.fail("SemiSAM's Python requirements are missing")
         self.delayDisplay("Widget defaults")
         widget = slicer.modules.semisamtrain.widgetRepresentation().self()
         widget.logic.applyDefaults(widget._parameterNode)
