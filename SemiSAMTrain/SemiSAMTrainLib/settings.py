@@ -142,7 +142,8 @@ def check_dataset(path: PathLike, read: bool = True) -> DatasetCheck:
     problems = validate_dataset(spec, read=read)
     errors = [p for p in problems if p.severity == "error"]
     messages = [str(p) for p in problems]
-    summary = f"{len(spec.labeled)} labeled, {len(spec.unlabeled)} unlabeled case(s) ({spec.source}: {spec.root})"
+    split = "".join(f", {len(cases)} {name}" for name, cases in (("validation", spec.validation), ("test", spec.test)) if cases)
+    summary = f"{len(spec.labeled)} labeled, {len(spec.unlabeled)} unlabeled{split} case(s) ({spec.source}: {spec.root})"  # as semisam validate
     messages.append(f"dataset NOT usable: {len(errors)} problem(s); {summary}" if errors else f"dataset OK: {summary}")
     return DatasetCheck(not errors, messages, len(errors), len(problems) - len(errors), len(spec.labeled), len(spec.unlabeled), len(spec.validation))
 
