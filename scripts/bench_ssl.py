@@ -44,7 +44,7 @@ from semisam.models.student import load_student
 from semisam.phantom import write_cohort
 from semisam.preprocess import PreprocessConfig
 from semisam.progress import read_metrics
-from semisam.training import Trainer
+from semisam.training import WARMUP_SNAPSHOT, Trainer
 from semisam.volume import Volume, read_volume, write_volume
 
 VARIANTS = ("supervised", "mean-teacher", "teacher-only", "full", "unet")
@@ -137,11 +137,23 @@ def variant_config(base: TrainConfig, variant: str, output: Path) -> TrainConfig
     return cfg
 
 
-def run_student(cfg: TrainConfig, tests: List[TestCase], progress: str) -> Dict[str, Any]:
+def run_student(cfg: TrainConfig, tests: List[TestCase], progress: str, branch_from: Path = None) -> Dict[str, Any]:
+    """Train one variant and score it. ``branch_from``: a finished run of the same seed and k
+    whose warm-up (identical for every variant: same seed, same batches, labeled data only) is
+    reused: its ``warmup_end/`` state seeds this run, which resumes into phase 1."""
     if Path(cfg.output).exists():
         shutil.rmtree(cfg.output)
+    resume = False
+    if branch_from is not None and (branch_from / WARMUP_SNAPSHOT / "last.pt").exists():
+        out = Path(cfg.output)
+        out.mkdir(parents=True)
+        for name in ("last.pt", "best.pt"):
+            if (branch_from / WARMUP_SNAPSHOT / name).exists():
+                shutil.copyfile(branch_from / WARMUP_SNAPSHOT / name, out / name)
+        shutil.copyfile(branch_from / "metrics.jsonl", out / "metrics.jsonl")  # resuming truncates it to the warm-up
+        resume = True
     t0 = time.time()
-    trainer = Trainer(cfg, progress=progress)
+    trainer = Trainer(cfg, progress=progress, resume=resume)
     summary = trainer.run()
     seconds = time.time() - t0
     student, extra = load_student(summary["best_checkpoint"])
@@ -227,6 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one); its cache/ is reused")
     ap.add_argument("--cache-dir", default=None, help="embedding cache shared between benches (default: <out>/cache)")
+    ap.add_argument("--no-branch", action="store_true", help="train every variant's warm-up itself (default: later variants start from the first one's warm-up, which is identical)")
     ap.add_argument("--progress", default="none", choices=("text", "none", "tqdm"))
     ap.add_argument("--input-size", type=int, default=None, help="encoder.input_size (default: the demo's, 128)")
     args = ap.parse_args(argv)
@@ -275,7 +288,10 @@ def main(argv=None) -> int:
                     budget = record["variants"].get("supervised", {}).get("loop_s") or 120.0
                     res = run_unet(variant_config(base, v, out), tests, float(budget))
                 else:
-                    res = run_student(variant_config(base, v, out), tests, args.progress)
+                    first = work / f"s{seed}_k{k}" / order[0]
+                    branch = first if (v != order[0] and not args.no_branch) else None
+                    res = run_student(variant_config(base, v, out), tests, args.progress, branch)
+                    res["branched_from"] = order[0] if branch else None
                 record["variants"][v] = res
                 extra = ""
                 if res.get("pseudo"):

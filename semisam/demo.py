@@ -146,10 +146,13 @@ def run_demo(out: Path, n_labeled: int = 8, n_unlabeled: int = 6, n_val: int = 2
     print(f"{'mean':<12}{mean:>8.3f}")
     pseudo = [rec["pseudo"] for rec in _records(run / "metrics.jsonl") if rec.get("pseudo")]
     if pseudo:
-        last = pseudo[-1]
-        dvr = last.get("dice_vs_reference")
-        print(f"pseudo-labels (last refresh): {last.get('refreshed')} volumes, confident fraction {_fmt(last.get('confident_fraction'))}, "
-              f"Dice of the teachers' mean vs the hidden truth {_fmt(dvr)}")
+        first, last = pseudo[0], pseudo[-1]
+        print(f"pseudo-labels of the {last.get('refreshed')} unlabeled volumes against their hidden truth (Dice): "
+              f"the student's coarse mask that prompts the teachers {_fmt(first.get('coarse_dice_vs_reference'))} -> "
+              f"the teachers' pseudo-label {_fmt(first.get('dice_vs_reference'))}"
+              + (f" (last of {len(pseudo)} refreshes: {_fmt(last.get('coarse_dice_vs_reference'))} -> {_fmt(last.get('dice_vs_reference'))})" if len(pseudo) > 1 else ""))
+        print(f"teachers' agreement: {_pct(last.get('confident_fraction_in_union'))} of the voxels inside the coarse mask or the pseudo-label "
+              f"are confident (variance < pseudo.u_th) and trained on; outside them every prediction is background")
     print(f"overlays (solid: truth, dashed: student): {picture}")
     print(f"segmentations and probabilities: {seg_dir}")
     print(f"training curves: {run / 'curves.png'}; student checkpoint: {summary['best_checkpoint']}")
@@ -162,6 +165,10 @@ def _records(path: Path) -> List[Dict[str, Any]]:
     from .progress import read_metrics
 
     return read_metrics(path)
+
+
+def _pct(v: Optional[float]) -> str:
+    return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "n/a"
 
 
 def _fmt(v: Optional[float]) -> str:

@@ -59,6 +59,7 @@ from .runlock import RunLock
 from .volume import read_volume
 
 STATE_VERSION = 1
+WARMUP_SNAPSHOT = "warmup_end"  # run sub-folder: last.pt + best.pt as they were when the warm-up ended
 
 
 # ------------------------------------------------------------------------------------------
@@ -502,6 +503,20 @@ class Trainer:
         self.best = dict(state["best"])
         return state
 
+    def _snapshot_warmup(self) -> None:
+        """Copy ``last.pt`` and ``best.pt`` as they are when the warm-up ends to ``warmup_end/``.
+        A new run folder seeded with them (and ``--resume``) continues into phase 1 with other
+        settings without repeating the warm-up; ``scripts/bench_ssl.py`` branches its variants
+        that way (a resumed run equals an uninterrupted one, see the kill/resume test)."""
+        import shutil
+
+        snap = self.out / WARMUP_SNAPSHOT
+        snap.mkdir(exist_ok=True)
+        for name in ("last.pt", "best.pt"):
+            if (self.out / name).exists():
+                shutil.copyfile(self.out / name, snap / f".{name}.tmp")
+                os.replace(snap / f".{name}.tmp", snap / name)
+
     def _save_best(self, dice: Optional[float], phase: int, global_epoch: int) -> None:
         postprocess: Dict[str, Any] = {"largest_component": bool(self.cfg.validation.largest_component)}
         threshold, calibrated = (calibrate_threshold(self._val_probs, self.cfg.validation.largest_component)
@@ -899,6 +914,8 @@ class Trainer:
                 self.dist.barrier()
             if self.dist.main:
                 self.progress.phase_end(phase)
+                if phase == 0:
+                    self._snapshot_warmup()
         summary = {
             "best_checkpoint": str(self.out / "best.pt"), "best_val_dice": self.best.get("dice"),
             "best_global_epoch": self.best.get("global_epoch"), "epochs": global_epoch,
