@@ -135,6 +135,23 @@ class Spy:
         monkeypatch.setattr(training, "pseudo_label_loss", spy)
 
 
+class StateCheckingStream(io.StringIO):
+    """The JSON progress stream; at every epoch line, notes which epoch last.pt holds then."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder, self.seen = folder, []
+
+    def write(self, text: str) -> int:
+        from semisam.models.checkpoints import safe_torch_load
+
+        for line in text.splitlines():
+            if line.startswith("{") and json.loads(line).get("type") == "epoch":
+                state = safe_torch_load(self.folder / "last.pt") if (self.folder / "last.pt").exists() else {}
+                self.seen.append((json.loads(line)["global_epoch"], state.get("global_epoch")))
+        return super().write(text)
+
+
 @pytest.fixture(scope="module")
 def semi_run(cohort):
     """A tiny three-phase run whose teachers are prompted with the hidden truth (the tiny student
@@ -145,12 +162,20 @@ def semi_run(cohort):
     from semisam.training import Trainer as T
 
     mp.setattr(T, "_coarse", lambda self, it: it.reference.copy())
-    stream = io.StringIO()
-    trainer = Trainer(tiny_config(root, ds, "semi"), progress="json", stream=stream)
+    cfg = tiny_config(root, ds, "semi")
+    stream = StateCheckingStream(Path(cfg.output))
+    trainer = Trainer(cfg, progress="json", stream=stream)
     trainer.run()
     mp.undo()
     lines = [json.loads(x) for x in stream.getvalue().splitlines() if x.startswith("{")]
+    trainer.stream_seen = stream.seen
     return trainer, spy, lines
+
+
+def test_last_pt_holds_an_epoch_before_its_progress_line_goes_out(semi_run):
+    """A Stop that arrives once the Slicer module has read an epoch's line loses nothing."""
+    trainer, _, _ = semi_run
+    assert len(trainer.stream_seen) == 4 and all(line == state for line, state in trainer.stream_seen), trainer.stream_seen
 
 
 def test_phase_one_trains_on_both_unlabeled_terms(semi_run):
@@ -225,3 +250,26 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(cohort):
             RunLock(cfg.output).acquire()
     finally:
         lock.release()
+
+
+def test_a_teacher_can_run_its_own_encoder_at_another_side(tmp_path):
+    """pseudo.teachers[].input_size: the LiteMedSAM teacher gets its own encoder (same weights) at
+    that side, and its embeddings are cached apart from the student's."""
+    from semisam.config import TrainConfig, TeacherSection
+    from semisam.models.encoders import EmbeddingCache
+    from semisam.models.prompts import Prompts
+    from semisam.training import build_encoder, build_teachers
+
+    cfg = TrainConfig(dataset="unused")
+    cfg.encoder.input_size = 128
+    encoder, net = build_encoder(cfg, torch.device("cpu"))
+    cache = EmbeddingCache(tmp_path / "cache")
+    cfg.pseudo.teachers = [TeacherSection(), TeacherSection(input_size=256)]
+    shared, own = build_teachers(cfg, encoder, net, cache, torch.device("cpu"))
+    assert shared.encoder is encoder and encoder.input_size == 128
+    assert own.encoder.input_size == 256 and own.encoder.weights_id != encoder.weights_id and own.net is net
+    image = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    box = Prompts(boxes2d=np.array([[1, 20, 20, 40, 40]], np.float32))
+    own.predict(own.prepare(image), box)
+    shared.predict(shared.prepare(image), box)
+    assert cache.encoded_slices == 2  # one slice per encoder: nothing shared, nothing mixed

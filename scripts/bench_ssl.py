@@ -197,6 +197,24 @@ def run_unet(cfg: TrainConfig, tests: List[TestCase], seconds: float) -> Dict[st
             "best_val_dice": info["best_val_dice"], "steps": info["steps"], "train_s": round(time.time() - t0, 1), "loop_s": info["seconds"]}
 
 
+def reuse(src: Path, cfg: TrainConfig) -> Dict[str, Any]:
+    """The result of an earlier bench's run of this variant (``--reuse-first``), refused when its
+    settings differ in anything but the loss and pseudo-label sections (the ones a later
+    variant changes after the shared warm-up)."""
+    path = src / "result.json"
+    if not path.exists():
+        raise SystemExit(f"--reuse-first: {path} does not exist (run that bench to the end first)")
+    doc = json.loads(path.read_text())
+    mine, theirs = cfg.to_dict(), dict(doc["config"])
+    for d in (mine, theirs):
+        for key in ("output", "loss", "pseudo"):
+            d.pop(key, None)
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise SystemExit(f"--reuse-first: {src} was trained with other settings ({', '.join(diff)})")
+    return dict(doc["result"], reused_from=str(src))
+
+
 def _mean(values):
     vals = [v for v in values if v is not None]
     return round(float(np.mean(vals)), 4) if vals else None
@@ -239,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one); its cache/ is reused")
     ap.add_argument("--cache-dir", default=None, help="embedding cache shared between benches (default: <out>/cache)")
+    ap.add_argument("--reuse-first", default=None, metavar="WORK", help="take the first variant's runs (result and warm-up) from an earlier bench's work folder instead of training them again")
     ap.add_argument("--no-branch", action="store_true", help="train every variant's warm-up itself (default: later variants start from the first one's warm-up, which is identical)")
     ap.add_argument("--progress", default="none", choices=("text", "none", "tqdm"))
     ap.add_argument("--input-size", type=int, default=None, help="encoder.input_size (default: the demo's, 128)")
@@ -265,6 +284,7 @@ def main(argv=None) -> int:
     print(f"bench_ssl: {name}: labeled pool {len(labeled_pool)}, extra unlabeled {len(extra_unl)}, test {len(tests)}; "
           f"k = {args.labeled}, seeds {args.seeds}, variants {args.variants}", flush=True)
     runs = []
+    first_dirs: Dict[Any, Path] = {}
     for seed in range(args.seeds):
         for k in args.labeled:
             ds = draw_dataset(work / f"s{seed}_k{k}" / "data", labeled_pool, extra_unl, labels, k, args.validation, n_unl, seed, extra_doc)
@@ -287,11 +307,17 @@ def main(argv=None) -> int:
                 if v == "unet":
                     budget = record["variants"].get("supervised", {}).get("loop_s") or 120.0
                     res = run_unet(variant_config(base, v, out), tests, float(budget))
+                elif v == order[0] and args.reuse_first:
+                    src = Path(args.reuse_first) / f"s{seed}_k{k}" / v
+                    res = reuse(src, variant_config(base, v, out))
+                    first_dirs[(seed, k)] = src
                 else:
-                    first = work / f"s{seed}_k{k}" / order[0]
+                    first = first_dirs.get((seed, k), work / f"s{seed}_k{k}" / order[0])
                     branch = first if (v != order[0] and not args.no_branch) else None
-                    res = run_student(variant_config(base, v, out), tests, args.progress, branch)
-                    res["branched_from"] = order[0] if branch else None
+                    cfg_v = variant_config(base, v, out)
+                    res = run_student(cfg_v, tests, args.progress, branch)
+                    res["branched_from"] = str(branch) if branch else None
+                    (out / "result.json").write_text(json.dumps({"config": cfg_v.to_dict(), "result": res}))
                 record["variants"][v] = res
                 extra = ""
                 if res.get("pseudo"):

@@ -81,6 +81,7 @@ class AugmentSection:
 class TeacherSection:
     name: str = "litemedsam"  # litemedsam | medsam-vit-b | sam-vit-b | sam-med3d | sam-med3d-turbo | medsam2
     checkpoint: Optional[str] = None  # user-supplied weights (default: the models folder); litemedsam ships
+    input_size: Optional[int] = None  # litemedsam: side its own encoder runs at (0 = native 256); None = share the student's encoder and embeddings
 
 
 @dataclass
@@ -315,6 +316,11 @@ def _check(cfg: TrainConfig, problems: List[str]) -> None:
     teachers = {"litemedsam", "medsam-vit-b", "sam-vit-b", "sam-med3d", "sam-med3d-turbo", "medsam2"} & (known | {"litemedsam"})
     for i, t in enumerate(cfg.pseudo.teachers):
         need(t.name in teachers, f"pseudo.teachers[{i}].name", f"must be one of {', '.join(sorted(teachers))}", t.name)
+        if t.input_size is not None:
+            try:
+                check_input_size(t.name, t.input_size)
+            except ValueError as exc:
+                problems.append(f"pseudo.teachers[{i}].input_size: {exc}")
     ps = cfg.pseudo
     need(ps.views >= 1, "pseudo.views", "must be >= 1", ps.views)
     need(ps.points >= 1, "pseudo.points", "must be >= 1", ps.points)

@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .config import TrainConfig, write_config
+from .config import TrainConfig, check_input_size, write_config
 from .data import Case, DatasetSpec, MixedBatchSampler, load_dataset, validate_dataset
 from .ema import EMATeacher
 from .inference import keep_largest_component
@@ -193,11 +193,15 @@ def build_teachers(cfg: TrainConfig, encoder: SliceEncoder, litemedsam_net, cach
         if t.name == "litemedsam":
             from .models.teacher_litemedsam import LiteMedSAMTeacher
 
-            if encoder.name == "litemedsam" and litemedsam_net is not None and not t.checkpoint:
+            e = cfg.encoder
+            own_side = t.input_size is not None and check_input_size("litemedsam", t.input_size) != encoder.input_size
+            if encoder.name == "litemedsam" and litemedsam_net is not None and not t.checkpoint and not own_side:
                 teachers.append(LiteMedSAMTeacher(net=litemedsam_net, encoder=encoder, cache=cache, device=str(device)))
-            else:
-                net = build_litemedsam(t.checkpoint, device=str(device))
-                teachers.append(LiteMedSAMTeacher(net=net, encoder=fast_encoder(litemedsam_encoder(net)), cache=cache, device=str(device)))
+            else:  # its own encoder (another checkpoint, or another input side): embeddings cached apart
+                net = litemedsam_net if (litemedsam_net is not None and not t.checkpoint) else build_litemedsam(t.checkpoint, device=str(device))
+                side = t.input_size if t.input_size is not None else 0
+                enc = fast_encoder(litemedsam_encoder(net, input_size=side), precision=e.precision, compile=e.compile, batch_size=e.batch_size)
+                teachers.append(LiteMedSAMTeacher(net=net, encoder=enc, cache=cache, device=str(device)))
         elif t.name in ("medsam-vit-b", "sam-vit-b"):
             from .models.teacher_sam import SAMTeacher
 
