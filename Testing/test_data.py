@@ -46,6 +46,34 @@ def test_folder_and_json_describe_the_same_cases(cohort, tmp_path):
     assert all(c.label is not None for c in from_folder.labeled)
 
 
+def test_a_test_split_is_read_and_validated_but_never_trained_on(cohort, tmp_path):
+    from semisam.data import validate_dataset
+
+    folder = tmp_path / "folder"
+    for src, dst in (("imagesTr", "imagesTr"), ("labelsTr", "labelsTr"), ("imagesUnlabeled", "imagesTs"), ("referenceUnlabeled", "labelsTs")):
+        (folder / dst).mkdir(parents=True)
+        for f in sorted((cohort / src).iterdir())[:2]:
+            (folder / dst / f.name).write_bytes(f.read_bytes())
+    spec = load_dataset(folder)
+    assert [c.id for c in spec.test] == ["case_002", "case_003"] and all(c.label is not None for c in spec.test)
+    assert spec.unlabeled == [] and [c.id for c in spec.labeled] == ["case_000", "case_001"]
+    assert [p for p in validate_dataset(spec) if p.severity == "error"] == []
+    (folder / "labelsTs" / "case_003.nii.gz").write_bytes(b"not a volume")  # the test split is checked like the rest
+    assert any("case_003" in str(p) and p.severity == "error" for p in validate_dataset(load_dataset(folder)))
+    for f in (folder / "labelsTs").iterdir():
+        f.unlink()
+    (folder / "labelsTs").rmdir()
+    spec = load_dataset(folder)  # images without labels (nnU-Net's imagesTs): reported, not a test split
+    assert spec.test == [] and any("no labelsTs/" in str(p) and p.severity == "warning" for p in spec.problems)
+    doc = json.loads((cohort / "dataset.json").read_text())
+    doc["test"] = [{"image": e["image"], "label": e["reference"]} for e in doc["unlabeled"][:1]]
+    (cohort.parent / "with_test.json").write_text(json.dumps({**doc, "training": [{**e, "image": f"c/{e['image']}", "label": f"c/{e['label']}"} for e in doc["training"]],
+                                                            "unlabeled": [], "test": [{"image": f"c/{e['image']}", "label": f"c/{e['label']}"} for e in doc["test"]]}))
+    spec = load_dataset(cohort.parent / "with_test.json")
+    assert [c.id for c in spec.test] == ["case_002"] and spec.test[0].label.name == "case_002.nii.gz"
+    assert [p for p in validate_dataset(spec) if p.severity == "error"] == []
+
+
 def test_json_accepts_plain_strings_and_reports_bad_entries(tmp_path, cohort):
     doc = {
         "labels": {"0": "background", "1": "target"},

@@ -206,8 +206,12 @@ def reuse(src: Path, cfg: TrainConfig) -> Dict[str, Any]:
         raise SystemExit(f"--reuse-first: {path} does not exist (run that bench to the end first)")
     doc = json.loads(path.read_text())
     mine, theirs = cfg.to_dict(), dict(doc["config"])
+    ids = [{key: [e.get("id") for e in json.loads(Path(d["dataset"]).read_text()).get(key, [])] for key in ("training", "validation", "unlabeled")}
+           for d in (mine, theirs)]
+    if ids[0] != ids[1]:
+        raise SystemExit(f"--reuse-first: {src} was trained on another draw of cases ({ids[1]['training']} labeled, here {ids[0]['training']})")
     for d in (mine, theirs):
-        for key in ("output", "loss", "pseudo"):
+        for key in ("output", "dataset", "loss", "pseudo"):  # the data: compared by case ids above
             d.pop(key, None)
     if mine != theirs:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -250,7 +254,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1: the labeled/unlabeled draw and the training seed")
     ap.add_argument("--variants", nargs="+", default=["supervised", "full"], choices=VARIANTS)
     ap.add_argument("--unlabeled", type=int, default=None, help="unlabeled cases drawn from the pool (default: phantom 6, promise12 8, folder all)")
-    ap.add_argument("--validation", type=int, default=2, help="validation cases drawn per seed (default 2)")
+    ap.add_argument("--validation", type=int, default=4, help="validation cases drawn per seed (default 4: with 2, best.pt was picked on noise)")
     ap.add_argument("--test", type=int, default=None, help="test cases (phantom default 6, promise12 default 8; a folder uses its split)")
     ap.add_argument("--schedule", default="demo", choices=("demo", "tiny"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every variant (e.g. loss.pseudo_loss=mse)")
