@@ -351,12 +351,44 @@ def test_end_to_end_small_3d_teachers(image):
     from semisam.models.teacher_medsam2 import MedSAM2Teacher
     from semisam.models.teacher_sammed3d import SAMMed3DTeacher
 
-    teachers = [SAMMed3DTeacher.small_random(), MedSAM2Teacher(small=True)]
+    class Recorder:
+        """The real teacher, with what it was given and what it returned."""
+
+        def __init__(self, teacher):
+            self.teacher, self.name, self.prepared, self.calls = teacher, teacher.name, [], []
+
+        def prepare(self, img):
+            self.prepared.append(np.array(img))
+            return self.teacher.prepare(img)
+
+        def predict(self, state, prompts):
+            out = np.asarray(self.teacher.predict(state, prompts), np.float32)
+            self.calls.append((len(self.prepared) - 1, prompts, out))
+            return out
+
+    teachers = [Recorder(SAMMed3DTeacher.small_random()), Recorder(MedSAM2Teacher(small=True))]
     labeler = PseudoLabeler(teachers, n_views=2, points=(1, 3), seed=1)
     views = [ViewTransform(), ViewTransform((True, False, True), True, gamma=1.1)]
-    pl = labeler(image, blob_mask(), "3d", views=views)
-    assert pl.shape == SHAPE and pl.n_predictions == 8 and np.isfinite(pl.mean).all()
-    assert 0 <= pl.mean.min() and pl.mean.max() <= 1
+    mask = blob_mask()
+    pl = labeler(image, mask, "3d", views=views)
+    assert pl.shape == SHAPE and pl.n_predictions == 8
+    expected = []
+    for t in teachers:
+        # a 3D teacher is never given the shortcut: it sees the whole view, depth flip and gamma included
+        assert len(t.prepared) == 2 and np.array_equal(t.prepared[0], image)
+        np.testing.assert_allclose(t.prepared[1], views[1].apply(image, image=True), rtol=1e-6)
+        assert len(t.calls) == 4
+        for view_index, prompts, out in t.calls:
+            v = views[view_index]
+            if prompts.mask is not None:  # prompt set A: the coarse mask, mapped into the view
+                np.testing.assert_array_equal(prompts.mask > 0.5, v.apply(mask))
+            else:  # prompt set B: positive points inside the mapped mask
+                assert len(prompts.points) >= 1 and all(v.apply(mask)[tuple(p)] for p in np.round(prompts.points).astype(int))
+            expected.append(v.invert(out))  # and each prediction is mapped back before the statistics
+    stack = np.stack(expected).astype(np.float64)
+    np.testing.assert_allclose(pl.mean, stack.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(pl.variance, stack.var(axis=0), atol=1e-5)
+    assert np.abs(stack[4] - stack[0]).max() > 0  # the two teachers really differ: the check above is not trivial
 
 
 # --------------------------------------------------------------------------------------------
