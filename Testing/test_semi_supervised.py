@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -273,3 +272,17 @@ def test_a_teacher_can_run_its_own_encoder_at_another_side(tmp_path):
     own.predict(own.prepare(image), box)
     shared.predict(shared.prepare(image), box)
     assert cache.encoded_slices == 2  # one slice per encoder: nothing shared, nothing mixed
+
+
+def test_the_log_says_when_best_pt_is_still_the_warm_ups(cohort, monkeypatch):
+    """The README's promise: a run whose later phases never beat the warm-up on validation says so."""
+    import semisam.training as training
+
+    root, ds = cohort
+    scores = iter([0.9, 0.5, 0.6, 0.4, 0.3, 0.2])  # warm-up first, then every later validation is worse
+    monkeypatch.setattr(training.Trainer, "_validate", lambda self: (next(scores), None))
+    stream = io.StringIO()
+    summary = Trainer(tiny_config(root, ds, "warmup_best"), progress="json", stream=stream).run()
+    msgs = [json.loads(x)["text"] for x in stream.getvalue().splitlines() if x.startswith("{") and json.loads(x)["type"] == "message"]
+    assert summary["best_phase"] == 0 and summary["best_global_epoch"] == 1
+    assert any("best.pt is the warm-up checkpoint (epoch 1, validation Dice 0.900)" in m and "best later 0.600" in m for m in msgs), msgs
