@@ -160,7 +160,7 @@ def semi_run(cohort):
     spy = Spy(mp)
     from semisam.training import Trainer as T
 
-    mp.setattr(T, "_coarse", lambda self, it: it.reference.copy())
+    mp.setattr(T, "_coarse", lambda self, it: (it.reference if it.reference is not None else it.label).copy())
     cfg = tiny_config(root, ds, "semi")
     stream = StateCheckingStream(Path(cfg.output))
     trainer = Trainer(cfg, progress="json", stream=stream)
@@ -286,3 +286,86 @@ def test_the_log_says_when_best_pt_is_still_the_warm_ups(cohort, monkeypatch):
     msgs = [json.loads(x)["text"] for x in stream.getvalue().splitlines() if x.startswith("{") and json.loads(x)["type"] == "message"]
     assert summary["best_phase"] == 0 and summary["best_global_epoch"] == 1
     assert any("best.pt is the warm-up checkpoint (epoch 1, validation Dice 0.900)" in m and "best later 0.600" in m for m in msgs), msgs
+
+
+# ------------------------------------------------------------------------------ prompt growth
+
+
+def test_grow_mask_dilates_and_erodes_by_millimetres_on_an_anisotropic_grid():
+    from semisam.pseudo_labels import grow_mask, growth_candidates
+
+    mask = np.zeros((9, 21, 21), bool)
+    mask[4, 10, 10] = True
+    spacing = (2.0, 0.5, 0.5)  # (z, y, x) mm
+    grown = grow_mask(mask, 1.0, spacing)  # 2 voxels in-plane, 0.5 -> 1 slice in depth
+    assert grown[4].sum() == 13 and grown[4, 10, 8] and grown[4, 10, 12] and not grown[4, 10, 7]
+    assert grown[3, 10, 10] and grown[5, 10, 10] and not grown[2].any() and not grown[6].any()
+    assert grow_mask(mask, 0.4, spacing).sum() == 1 + 4  # 0.8 voxel -> 1 in-plane, 0.2 slice -> none
+    block = np.zeros((9, 21, 21), bool)
+    block[2:7, 5:16, 5:16] = True
+    shrunk = grow_mask(block, -1.0, spacing)
+    assert shrunk[4, 7:14, 7:14].all() and not shrunk[4, 6, 10] and not shrunk[2].any() and shrunk[3, 10, 10]
+    assert np.array_equal(grow_mask(mask, -5.0, spacing), mask)  # an erosion never empties a prompt
+    candidates = growth_candidates(spacing)
+    assert candidates[0] == 0.0 and len(set(candidates)) == len(candidates) and min(candidates) < 0 < max(candidates)
+
+
+def test_prompt_growth_is_chosen_on_validation_and_undoes_a_shrunken_student(cohort, monkeypatch):
+    """The coarse mask of a student that stops inside the boundary (the truth eroded by 3 mm) and
+    a teacher that returns its prompt: the growth chosen on the validation case undoes the
+    erosion, and the unlabeled cases' pseudo-labels beat their coarse masks."""
+    import semisam.pseudo_labels as pseudo_labels
+    from semisam.pseudo_labels import PseudoLabel, grow_mask
+
+    class PromptTeacher:
+        def __init__(self, teachers, **kwargs):
+            self.calls = 0
+
+        def __call__(self, image, mask, key, views=None):
+            m = np.asarray(mask, np.float32)
+            return PseudoLabel.from_statistics(m, np.zeros_like(m), 0.1, 2, int(m.sum()))
+
+    def shrunken(self, it):
+        truth = it.reference if it.reference is not None else it.label
+        return grow_mask(truth > 0, -3.0, self._spacing_zyx(it)).astype(np.uint8)
+
+    monkeypatch.setattr(pseudo_labels, "PseudoLabeler", PromptTeacher)
+    monkeypatch.setattr(Trainer, "_coarse", shrunken)
+    root, ds = cohort
+    stream = io.StringIO()
+    Trainer(tiny_config(root, ds, "growth"), progress="json", stream=stream).run()
+    refreshes = [json.loads(x)["pseudo"] for x in stream.getvalue().splitlines() if x.startswith("{") and json.loads(x).get("pseudo")]
+    assert refreshes
+    for r in refreshes:
+        assert r["prompt_growth_mm"] > 0, r
+        assert r["val_pseudo_dice"] > r["val_pseudo_dice_ungrown"] == pytest.approx(r["val_coarse_dice"], abs=1e-4), r
+        assert r["dice_vs_reference"] > r["coarse_dice_vs_reference"] + 0.05, r
+        assert set(r["growth_scores"]) >= {"0", f"{r['prompt_growth_mm']:g}"}
+
+
+def test_a_fixed_prompt_growth_is_used_as_it_is(cohort, monkeypatch):
+    import semisam.pseudo_labels as pseudo_labels
+    from semisam.pseudo_labels import PseudoLabel
+
+    prompts = []
+
+    class PromptTeacher:
+        def __init__(self, teachers, **kwargs):
+            pass
+
+        def __call__(self, image, mask, key, views=None):
+            prompts.append((key, int(np.asarray(mask).sum())))
+            m = np.asarray(mask, np.float32)
+            return PseudoLabel.from_statistics(m, np.zeros_like(m), 0.1, 2, int(m.sum()))
+
+    monkeypatch.setattr(pseudo_labels, "PseudoLabeler", PromptTeacher)
+    monkeypatch.setattr(Trainer, "_coarse", lambda self, it: (it.reference if it.reference is not None else it.label).copy())
+    root, ds = cohort
+    cfg = tiny_config(root, ds, "growth_fixed")
+    cfg.pseudo.prompt_growth = 0.0
+    stream = io.StringIO()
+    Trainer(cfg, progress="json", stream=stream).run()
+    refreshes = [json.loads(x)["pseudo"] for x in stream.getvalue().splitlines() if x.startswith("{") and json.loads(x).get("pseudo")]
+    assert refreshes and all(r["prompt_growth_mm"] == 0.0 and "val_pseudo_dice" not in r for r in refreshes)
+    assert prompts and not any(k.startswith("validation:") for k, _ in prompts)  # no calibration ran
+    assert all(r["dice_vs_reference"] == pytest.approx(1.0) for r in refreshes)  # the prompt was the truth, unchanged

@@ -171,7 +171,8 @@ def run_student(cfg: TrainConfig, tests: List[TestCase], progress: str, branch_f
     }
     if pseudo:
         result["pseudo"] = [{k: p.get(k) for k in ("refreshed", "empty", "coarse_dice_vs_reference", "dice_vs_reference",
-                                                      "confident_fraction_in_union", "confident_fraction", "seconds")} for p in pseudo]
+                                                      "confident_fraction_in_union", "confident_fraction", "seconds", "prompt_growth_mm",
+                                                      "val_coarse_dice", "val_pseudo_dice", "val_pseudo_dice_ungrown")} for p in pseudo]
     semi = [r for r in records if r.get("phase") == 1]
     if semi:
         result["semi_losses_last"] = {k: round(v, 4) for k, v in semi[-1]["losses"].items()}
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
                 if res.get("pseudo"):
                     p = res["pseudo"][-1]
                     extra = (f"; coarse {p.get('coarse_dice_vs_reference')}, pseudo {p.get('dice_vs_reference')} vs truth, "
-                             f"confident in union {p.get('confident_fraction_in_union')}")
+                             f"confident in union {p.get('confident_fraction_in_union')}, prompt grown {p.get('prompt_growth_mm')} mm")
                 print(f"seed {seed} k={k} {v:<13} test Dice {res['test_dice_mean']:.4f} {res['test_dice']} "
                       f"(best val {res.get('best_val_dice')}, epoch {res.get('best_epoch')}, phase {res.get('best_phase')}; {res['train_s']:.0f} s{extra})", flush=True)
             runs.append(record)

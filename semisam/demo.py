@@ -154,6 +154,11 @@ def run_demo(out: Path, n_labeled: int = 8, n_unlabeled: int = 6, n_val: int = 2
               f"the student's coarse mask that prompts the teachers {_fmt(first.get('coarse_dice_vs_reference'))} -> "
               f"the teachers' pseudo-label {_fmt(first.get('dice_vs_reference'))}"
               + (f" (last of {len(pseudo)} refreshes: {_fmt(last.get('coarse_dice_vs_reference'))} -> {_fmt(last.get('dice_vs_reference'))})" if len(pseudo) > 1 else ""))
+        grown = [p.get("prompt_growth_mm") for p in pseudo]
+        if first.get("val_pseudo_dice") is not None:
+            print(f"coarse masks grown by {', '.join(f'{g:g}' for g in grown)} mm before they prompt the teachers (chosen at each refresh "
+                  f"on the validation phantoms: first refresh, their coarse masks {_fmt(first.get('val_coarse_dice'))}, pseudo-labels "
+                  f"{_fmt(first.get('val_pseudo_dice_ungrown'))} ungrown, {_fmt(first.get('val_pseudo_dice'))} grown)")
         print(f"teachers' agreement: {_pct(last.get('confident_fraction_in_union'))} of the voxels inside the coarse mask or the pseudo-label "
               f"are confident (variance < pseudo.u_th) and trained on; outside them every prediction is background")
     print(f"overlays (solid: truth, dashed: student): {picture}")

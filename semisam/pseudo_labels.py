@@ -343,6 +343,51 @@ def volume_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> Prompts
     return Prompts(points=picks.astype(np.float32), point_labels=np.ones(len(picks), np.int64))
 
 
+def _ellipsoid(radii: Sequence[int]) -> np.ndarray:
+    """A boolean ellipsoid with integer half-axes ``radii`` (0 = flat along that axis)."""
+    grids = np.meshgrid(*[np.arange(-r, r + 1) for r in radii], indexing="ij")
+    dist = sum((g / r) ** 2 if r > 0 else np.where(g == 0, 0.0, np.inf) for g, r in zip(grids, radii))
+    return dist <= 1.0
+
+
+def growth_radii(growth_mm: float, spacing_zyx: Sequence[float]) -> Tuple[int, ...]:
+    """Voxel half-axes of a ``|growth_mm|`` ellipsoid on a grid of ``spacing_zyx`` (rounded)."""
+    return tuple(int(np.floor(abs(float(growth_mm)) / float(s) + 0.5)) for s in spacing_zyx)
+
+
+def grow_mask(mask: np.ndarray, growth_mm: float, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """``mask`` dilated (``growth_mm`` > 0) or eroded (< 0) by an ellipsoid of ``|growth_mm|``
+    millimetres on a grid of ``spacing_zyx``. An erosion that would empty the mask returns it
+    unchanged (a prompt must not vanish); the array's edge does not erode the mask."""
+    mask = np.asarray(mask, dtype=bool)
+    radii = growth_radii(growth_mm, spacing_zyx)
+    if not any(radii) or not mask.any():
+        return mask.copy()
+    structure = _ellipsoid(radii)
+    if growth_mm > 0:
+        return ndimage.binary_dilation(mask, structure=structure)
+    out = ndimage.binary_erosion(mask, structure=structure, border_value=1)
+    return out if out.any() else mask.copy()
+
+
+#: Prompt growths tried when ``pseudo.prompt_growth`` is chosen on the validation cases, in
+#: units of the grid's finest spacing (so the same rule holds on any grid).
+GROWTH_STEPS = (-1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
+
+
+def growth_candidates(spacing_zyx: Sequence[float], steps: Sequence[float] = GROWTH_STEPS) -> List[float]:
+    """Distinct growths (mm) for a grid: ``steps`` x its finest spacing, one per voxel footprint,
+    ordered by size (the smallest change first)."""
+    finest = float(min(spacing_zyx))
+    seen, out = set(), []
+    for g in sorted((float(s) * finest for s in steps), key=lambda v: (abs(v), v)):
+        key = (np.sign(g), growth_radii(g, spacing_zyx))
+        if key not in seen:
+            seen.add(key)
+            out.append(round(g, 4))
+    return out
+
+
 def is_slice_teacher(teacher: Any) -> bool:
     """Whether ``teacher`` predicts every slice from that slice alone (depth-flip equivariant):
     a :class:`SliceSAMTeacher`, or an object with ``per_slice = True``."""

@@ -55,6 +55,7 @@ from .models.encoders import EmbeddingCache, SliceEncoder
 from .models.student import SlicingSAM3D, StudentConfig
 from .preprocess import PreprocessConfig, apply_to_label, preprocess
 from .progress import MetricsLog, Progress, plot_curves
+from .pseudo_labels import grow_mask, growth_candidates
 from .runlock import RunLock
 from .volume import read_volume
 
@@ -580,6 +581,7 @@ class Trainer:
                 inplane=self.cfg.pseudo.inplane_views, seed=self.cfg.seed,
             )
         t0 = time.time()
+        growth, calibration = self._prompt_growth()
         mine = {}
         for n, i in enumerate(due):
             if n % self.dist.world != self.dist.rank:
@@ -588,7 +590,8 @@ class Trainer:
             coarse = self._coarse(it)
             per_label = []
             for k in range(1, self.num_labels + 1):
-                pl = self.labeler(it.image, coarse == k, key=f"{it.id}:{k}")
+                prompt = grow_mask(coarse == k, growth, self._spacing_zyx(it))
+                pl = self.labeler(it.image, prompt, key=f"{it.id}:{k}")
                 per_label.append(pl.as_stored() if pl is not None else None)
             mine[it.id] = (per_label, self._pseudo_stats(it, per_label, coarse))
         results: Dict[str, tuple] = {}
@@ -604,12 +607,59 @@ class Trainer:
             if it.id in results:
                 stats.append(results[it.id][1])
         return {
-            "refreshed": len(results), "seconds": round(time.time() - t0, 1),
+            "refreshed": len(results), "seconds": round(time.time() - t0, 1), **calibration,
             "empty": sum(s["empty"] for s in stats),
             "confident_fraction": _mean([s["confident_fraction"] for s in stats]),
             "confident_fraction_in_union": _mean([s["confident_fraction_in_union"] for s in stats]),
             "dice_vs_reference": _mean([s["dice"] for s in stats if s["dice"] is not None]),
             "coarse_dice_vs_reference": _mean([s["coarse_dice"] for s in stats if s["coarse_dice"] is not None]),
+        }
+
+    def _teacher_dice(self, it: Item, coarse: np.ndarray, growth: float, key: str) -> float:
+        """Dice against ``it.label`` of the teachers' pseudo-label (mean > 0.5) prompted by the
+        coarse mask grown by ``growth`` mm."""
+        pred = np.zeros(it.image.shape, np.uint8)
+        for k in range(1, self.num_labels + 1):
+            pl = self.labeler(it.image, grow_mask(coarse == k, growth, self._spacing_zyx(it)), key=f"{key}:{k}")
+            if pl is not None:
+                pred[(pl.mean > 0.5) & (pred == 0)] = k
+        return dice_hd95(pred, it.label, self._spacing_zyx(it), self.num_labels, hd95=False)[0]
+
+    def _prompt_growth(self) -> Tuple[float, Dict[str, Any]]:
+        """How far (mm) the coarse mask is grown before it prompts the teachers, and the numbers
+        behind the choice.
+
+        ``pseudo.prompt_growth`` when set. Otherwise it is chosen on the validation cases at
+        every refresh: the same EMA student's coarse mask of each validation case, grown by each
+        of :func:`~semisam.pseudo_labels.growth_candidates`, prompts the teachers as an
+        unlabeled case's would, and the growth whose pseudo-labels score the best mean Dice
+        against the validation labels wins (ties: the smallest change). A student trained on few
+        labels tends to stop inside the boundary; a box from such a mask cuts the structure
+        off, and the teachers cannot give back what their prompt excludes. The student's bias is
+        measured on cases it was not trained on, so the rule adapts to the data set and to the
+        student as it improves, instead of a margin fitted to one data set.
+        """
+        fixed = self.cfg.pseudo.prompt_growth
+        if fixed is not None:
+            return float(fixed), {"prompt_growth_mm": float(fixed)}
+        if not self.validation:
+            if not self._warned_growth:
+                self._warned_growth = True
+                self.progress.message("pseudo.prompt_growth is chosen on validation cases and there are none: the coarse mask "
+                                      "prompts the teachers as it is (set pseudo.prompt_growth in mm, or add validation cases)", "warning")
+            return 0.0, {"prompt_growth_mm": 0.0}
+        t0 = time.time()
+        coarse = [self._coarse(it) for it in self.validation]
+        coarse_dice = float(np.mean([dice_hd95(c.astype(np.uint8), it.label, self._spacing_zyx(it), self.num_labels, hd95=False)[0]
+                                     for it, c in zip(self.validation, coarse)]))
+        scores: Dict[float, float] = {}
+        for g in growth_candidates(self._spacing_zyx(self.validation[0])):
+            scores[g] = float(np.mean([self._teacher_dice(it, c, g, f"validation:{it.id}") for it, c in zip(self.validation, coarse)]))
+        best = max(scores, key=lambda g: (scores[g], -abs(g)))  # candidates come smallest change first
+        return best, {
+            "prompt_growth_mm": best, "val_coarse_dice": round(coarse_dice, 4), "val_pseudo_dice": round(scores[best], 4),
+            "val_pseudo_dice_ungrown": round(scores.get(0.0, float("nan")), 4),
+            "growth_scores": {f"{g:g}": round(v, 4) for g, v in scores.items()}, "growth_seconds": round(time.time() - t0, 1),
         }
 
     def _pseudo_stats(self, it: Item, per_label: list, coarse: np.ndarray) -> Dict[str, Any]:
@@ -828,6 +878,7 @@ class Trainer:
         self.best: Dict[str, Any] = {"dice": None, "global_epoch": 0}
         self._val_probs: List[Tuple[np.ndarray, np.ndarray]] = []  # (probability, label) per validation case, last validation
         self.teachers = None
+        self._warned_growth = False
         self.pseudo: Dict[str, list] = {}
         self._pseudo_version: Dict[str, int] = {}
         self._target_cache: Dict[str, Dict[str, torch.Tensor]] = {}
