@@ -92,7 +92,7 @@ class PseudoSection:
     u_th: float = 0.1  # confidence threshold: a voxel counts where the teachers' variance < u_th
     refresh_every: int = 5  # recompute pseudo-labels every this many epochs of phase 1 (0: only once)
     inplane_views: bool = True  # views may flip/transpose in-plane (new slices to encode once per volume)
-    prompt_growth: Optional[float] = None  # mm the coarse mask is grown (< 0: shrunk) before it prompts the teachers; None = chosen on the validation cases at every refresh
+    prompt_growth: Optional[float] = None  # mm the coarse mask is grown (< 0: shrunk) before it prompts the teachers; null = chosen on the validation cases at every refresh
 
 
 @dataclass
