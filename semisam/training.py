@@ -615,14 +615,21 @@ class Trainer:
             "coarse_dice_vs_reference": _mean([s["coarse_dice"] for s in stats if s["coarse_dice"] is not None]),
         }
 
-    def _teacher_dice(self, it: Item, coarse: np.ndarray, growth: float, key: str) -> float:
-        """Dice against ``it.label`` of the teachers' pseudo-label (mean > 0.5) prompted by the
-        coarse mask grown by ``growth`` mm."""
-        pred = np.zeros(it.image.shape, np.uint8)
-        for k in range(1, self.num_labels + 1):
-            pl = self.labeler(it.image, grow_mask(coarse == k, growth, self._spacing_zyx(it)), key=f"{key}:{k}")
+    @staticmethod
+    def _pseudo_label_map(per_label: list, shape: Tuple[int, ...]) -> np.ndarray:
+        """The label map of per-structure pseudo-labels: structure k where its teachers' mean > 0.5."""
+        pred = np.zeros(shape, np.uint8)
+        for k, pl in enumerate(per_label, start=1):
             if pl is not None:
-                pred[(pl.mean > 0.5) & (pred == 0)] = k
+                pred[pl.mean > 0.5] = k
+        return pred
+
+    def _teacher_dice(self, it: Item, coarse: np.ndarray, growth: float, key: str) -> float:
+        """Dice against ``it.label`` of the teachers' pseudo-label prompted by the coarse mask
+        grown by ``growth`` mm."""
+        per_label = [self.labeler(it.image, grow_mask(coarse == k, growth, self._spacing_zyx(it)), key=f"{key}:{k}")
+                     for k in range(1, self.num_labels + 1)]
+        pred = self._pseudo_label_map(per_label, it.image.shape)
         return dice_hd95(pred, it.label, self._spacing_zyx(it), self.num_labels, hd95=False)[0]
 
     def _prompt_growth(self) -> Tuple[float, Dict[str, Any]]:
@@ -652,9 +659,17 @@ class Trainer:
         coarse = [self._coarse(it) for it in self.validation]
         coarse_dice = float(np.mean([dice_hd95(c.astype(np.uint8), it.label, self._spacing_zyx(it), self.num_labels, hd95=False)[0]
                                      for it, c in zip(self.validation, coarse)]))
-        scores: Dict[float, float] = {}
-        for g in growth_candidates(self._spacing_zyx(self.validation[0])):
-            scores[g] = float(np.mean([self._teacher_dice(it, c, g, f"validation:{it.id}") for it, c in zip(self.validation, coarse)]))
+        candidates = growth_candidates(self._spacing_zyx(self.validation[0]))
+        tasks = [(g, i) for g in candidates for i in range(len(self.validation))]
+        mine = {}
+        for n, (g, i) in enumerate(tasks):  # each rank a share of the teacher runs, as for the unlabeled cases
+            if n % self.dist.world == self.dist.rank:
+                it = self.validation[i]
+                mine[(g, i)] = self._teacher_dice(it, coarse[i], g, f"validation:{it.id}")
+        dice: Dict[Tuple[float, int], float] = {}
+        for part in self.dist.gather(mine):
+            dice.update(part)
+        scores = {g: float(np.mean([dice[(g, i)] for i in range(len(self.validation))])) for g in candidates}
         best = max(scores, key=lambda g: (scores[g], -abs(g)))  # candidates come smallest change first
         return best, {
             "prompt_growth_mm": best, "val_coarse_dice": round(coarse_dice, 4), "val_pseudo_dice": round(scores[best], 4),
@@ -671,13 +686,11 @@ class Trainer:
         empty = sum(pl is None for pl in per_label)
         conf = [float(pl.confidence.mean()) for pl in per_label if pl is not None]
         inside = []
-        pred = np.zeros(it.image.shape, np.uint8)
+        pred = self._pseudo_label_map(per_label, it.image.shape)
         for k, pl in enumerate(per_label, start=1):
             if pl is None:
                 continue
-            fg = pl.mean > 0.5
-            pred[fg] = k
-            union = fg | (coarse == k)
+            union = (pl.mean > 0.5) | (coarse == k)
             if union.any():
                 inside.append(float(pl.confidence[union].mean()))
         dice = coarse_dice = None
