@@ -45,34 +45,37 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_export_load_and_fp32_agreement(plain, root, slices, backend, monkeypatch):
     ref = plain.encode(slices)
     enc = runtime_encoder(plain, backend, "fp32", root)
+    assert torch.equal(plain.encode(slices), ref)  # exporting left the torch module as it was
     assert enc.cache_id == f"{plain.cache_id}:fast-{backend}-fp32" and enc.weights_id == plain.weights_id
     out = enc.encode(slices, batch_size=2)  # batches of 2 go through the 1-slice graph one by one
     assert out.shape == ref.shape
     assert float(cosine(out, ref).min()) >= 0.9999
     assert float((out - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
     # A second load reuses the export on disk: exporting again would fail here.
-    monkeypatch.setattr(backends, "_export_openvino", lambda *a: pytest.fail("exported twice"))
-    monkeypatch.setattr(backends, "_export_onnx", lambda *a: pytest.fail("exported twice"))
+    monkeypatch.setattr(backends, "_export", lambda *a: pytest.fail("exported twice"))
     again = runtime_encoder(plain, backend, "fp32", root)
     assert torch.equal(again.encode(slices[:1]), out[:1])
 
 
 @pytest.mark.skipif("openvino" not in RUNTIMES, reason="openvino is not installed")
-def test_openvino_bf16_is_within_tolerance_or_refused(plain, root, slices):
+def test_openvino_precisions(plain, root, slices):
+    assert runtime_encoder(plain, "openvino", "auto", root).cache_id.endswith(":fast-openvino-fp32")  # auto stays within tolerance
     if not bf16_supported():
         with pytest.raises(BackendError, match="no native bf16"):
             runtime_encoder(plain, "openvino", "bf16", root)
         return
-    enc = runtime_encoder(plain, "openvino", "auto", root)
-    assert enc.cache_id.endswith(":fast-openvino-bf16")
-    assert float(cosine(enc.encode(slices), plain.encode(slices)).min()) >= 0.999
+    enc = runtime_encoder(plain, "openvino", "bf16", root)
+    assert enc.cache_id.endswith(":fast-openvino-bf16-mixed")  # TinyViT's first stage in fp32, the rest bf16
+    ref = plain.encode(slices)
+    cos = float(cosine(enc.encode(slices), ref).min())
+    assert 0.995 <= cos < 0.99999  # bf16 rounding shows; it is opt-in for that reason
 
 
 def test_embeddings_of_different_backends_and_precisions_never_mix(plain, root, slices, tmp_path):
     encoders = [fast_encoder(plain, precision="fp32"), fast_encoder(plain, precision="bf16")]
     encoders += [runtime_encoder(plain, b, "fp32", root) for b in RUNTIMES]
     if "openvino" in RUNTIMES and bf16_supported():
-        encoders.append(runtime_encoder(plain, "openvino", "bf16", root))
+        encoders.append(runtime_encoder(plain, "openvino", "bf16", root))  # same export, another precision
     image = slices[:2]
     keys = {EmbeddingCache.key(image, e) for e in encoders}
     assert len(keys) == len(encoders), [e.cache_id for e in encoders]
