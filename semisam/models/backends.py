@@ -10,8 +10,8 @@ else ``~/.semisam/cache/encoders``); later processes only load it (about a secon
   exporter), converted by ``openvino.convert_model`` and saved as IR (fp32 weights); the
   precision is chosen when it is compiled for the CPU. ``fp32`` (the default, ``auto``):
   embeddings at cosine >= 0.99999 to eager PyTorch fp32. ``bf16`` (opt-in, CPUs with native
-  bf16): LiteMedSAM's first stage stays fp32 (see :func:`_parts`), the rest runs in bf16; about
-  1.6x faster than fp32 but measured at cosine 0.9988-0.9992 to fp32 on phantom and HC18 slices
+  bf16): LiteMedSAM's first stage stays fp32 (see :func:`_parts`), the rest runs in bf16;
+  1.3-1.8x faster than fp32 (BENCHMARKS.md) but measured at cosine 0.9988-0.9992 to fp32 on phantom and HC18 slices
   (``scripts/bench_encoder.py``), below the 0.999 kept for caches and students, so it is never
   chosen by itself. A running inference can be cancelled (:meth:`_OpenVINORunner.run`), which
   the Segment Editor's prefetch uses so that a click never waits for it.
@@ -20,8 +20,8 @@ else ``~/.semisam/cache/encoders``); later processes only load it (about a secon
 * ``torch``: :func:`~semisam.models.encoders.fast_encoder` (eager PyTorch, optionally
   ``torch.compile``).
 
-Slices go through the runtime one at a time: with a static 1-slice graph the runtimes were as
-fast per slice as with batches of 4 (``scripts/bench_encoder.py``; BENCHMARKS.md).
+Slices go through the runtime one at a time (static 1-slice graphs: no shape-dependent
+recompilation, and each slice can be abandoned on its own).
 
 Embeddings of a runtime get their own cache id (``<weights id>:fast-<backend>-<precision>``),
 so an :class:`~semisam.models.encoders.EmbeddingCache` never mixes them with another path's;
@@ -144,9 +144,9 @@ def _parts(encoder: SliceEncoder):
     """The graphs an encoder is exported as: ``[(name, module, always fp32)]``.
 
     LiteMedSAM's TinyViT is split after its first stage. Its patch embedding and MBConv stage
-    (15 % of the FLOPs) are the part most sensitive to bf16: on HC18 images at 256 px, bf16
-    everywhere gave embeddings at cosine 0.9973 to fp32, bf16 from the second stage on 0.9994
-    (torch autocast, the same split). So ``bf16`` runs the first part in fp32 always."""
+    (15 % of the FLOPs) are the part whose bf16 rounding moved the embeddings most when each
+    stage was tried alone in bf16 during development, so ``bf16`` runs the first part in fp32
+    always (``scripts/bench_encoder.py`` reports the resulting cosine)."""
     vit = getattr(encoder.module, "vit", encoder.module)
     if all(hasattr(vit, a) for a in ("patch_embed", "layers", "neck")) and len(vit.layers) > 1:
         # eval(): torch.onnx.export restores a wrapper's training flag on all its children
