@@ -117,6 +117,9 @@ def _slicerPackaging():
         return None
 
 
+#: Application setting holding the encoder runtime chosen in the module (read by the effect).
+BACKEND_SETTING = "SemiSAM/EncoderBackend"
+
 #: Colour table of the uncertainty overlay (one of Slicer's colour files, Base/Logic/Resources/ColorFiles).
 UNCERTAINTY_COLOR_FILE = "Inferno.txt"
 
@@ -126,6 +129,7 @@ class SemiSAMSegmentParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     studentCheckpoint: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    backend: Annotated[str, Choice(["auto", "openvino", "onnxruntime", "torch"])] = "auto"
     uncertainty: bool = True
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     uncertaintyVolume: slicer.vtkMRMLScalarVolumeNode
@@ -275,12 +279,14 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # whatever is selected when the result arrives) and the scene it lives in.
             target = OneClickJob.submit(p.inputVolume, p.outputSegmentation, p.uncertaintyVolume)
             volume = target.volume  # read on the GUI thread (MRML is not thread-safe)
-            checkpoint, device, uncertainty = p.studentCheckpoint, p.device, p.uncertainty
+            checkpoint, device, uncertainty, backend = p.studentCheckpoint, p.device, p.uncertainty, p.backend
+            qt.QSettings().setValue(BACKEND_SETTING, backend)  # the Segment Editor effect uses the same runtime
             self._cancelled = False
             self._progress = (0, 0)
 
             def job(_model, cancel_event):
-                return self.logic.segment_arrays(volume, checkpoint, device, uncertainty, progress=self._setProgress, cancel=cancel_event.is_set)
+                return self.logic.segment_arrays(volume, checkpoint, device, uncertainty, progress=self._setProgress, cancel=cancel_event.is_set,
+                                                 backend=backend)
 
             self._job = (self._workerInstance().submit(job), target)
             self.ui.progressBar.setValue(0)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,11 @@ from scipy.spatial.transform import Rotation
 from semisam.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Converted encoders (semisam.models.backends) go to a folder of this test session, never to the
+# user's ~/.semisam/cache; it is made once per session and removed at exit.
+os.environ["SEMISAM_CACHE"] = tempfile.mkdtemp(prefix="semisam-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SEMISAM_CACHE"], True)
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

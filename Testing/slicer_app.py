@@ -126,6 +126,18 @@ class _Signal:
     slots with the signal's arguments, as PythonQt does."""
 
 
+class FakeQSettings:
+    """``qt.QSettings``: application settings shared by every instance (``FakeQSettings.store``)."""
+
+    store: dict = {}
+
+    def value(self, key, default=None):
+        return self.store.get(key, default)
+
+    def setValue(self, key, value):
+        self.store[key] = value
+
+
 class FakeQObject:
     """A stand-in for any PythonQt widget, layout or timer: it records ``connect`` calls
     (``emit(signal, *args)`` calls the slots) and accepts any property."""
@@ -176,6 +188,7 @@ def fake_qt_modules():
     qt = types.ModuleType("qt")
     for name in ("QTimer", "QRadioButton", "QPushButton", "QHBoxLayout", "QSpinBox", "QProgressBar", "QLabel", "QIcon"):
         setattr(qt, name, type(name, (FakeQObject,), {}))
+    qt.QSettings = FakeQSettings
     effects = types.ModuleType("SegmentEditorEffects")
 
     class AbstractScriptedSegmentEditorEffect:

@@ -113,6 +113,38 @@ def test_a_failing_factory_fails_the_job_and_is_retried():
         worker.shutdown()
 
 
+def test_idle_jobs_run_last_and_any_job_cancels_them():
+    gate, started = threading.Event(), threading.Event()
+    order = []
+
+    def prefetch(model, cancel, name):
+        order.append(name)
+        started.set()
+        for _ in range(1000):
+            if cancel.is_set():
+                return "stopped"
+            time.sleep(0.005)
+        return "finished"
+
+    worker = ModelWorker(lambda: None)
+    try:
+        blocker = worker.submit(lambda m, c: gate.wait(10))
+        idle = worker.submit_idle(lambda m, c: prefetch(m, c, "idle"))
+        click = worker.submit(lambda m, c: order.append("click") or "clicked")  # queued after the idle job
+        assert idle.cancelled() and worker.idle_busy is False  # a job dropped the queued prefetch
+        gate.set()
+        assert click.result(timeout=10) == "clicked" and order == ["click"]
+        running = worker.submit_idle(lambda m, c: prefetch(m, c, "idle2"))
+        waiting = worker.submit_idle(lambda m, c: prefetch(m, c, "idle3"))
+        assert started.wait(10) and worker.idle_busy and not worker.busy
+        second = worker.submit(lambda m, c: order.append("click2") or "clicked again")
+        assert running.result(timeout=10) == "stopped"  # told to stop, not run to its end
+        assert waiting.cancelled() and second.result(timeout=10) == "clicked again"
+        assert order == ["click", "idle2", "click2"]
+    finally:
+        worker.shutdown()
+
+
 # ------------------------------------------------------------------ interaction
 
 

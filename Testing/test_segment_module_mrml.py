@@ -73,6 +73,22 @@ def test_cancel_stops_before_decoding(slicer_scene, phantom_node, student):
         SemiSAMSegmentLogic().segment_arrays(mrml.volume_from_node(node), student, "cpu", cancel=lambda: True)
 
 
+def test_a_missing_encoder_backend_falls_back_to_torch_with_one_log_line(slicer_scene, phantom_node, student, monkeypatch, caplog):
+    import logging
+    import sys
+
+    _, node = phantom_node
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the package were not installed
+    logic = SemiSAMSegmentLogic()
+    with caplog.at_level(logging.WARNING):
+        result = logic.segment_arrays(mrml.volume_from_node(node), student, "cpu", uncertainty=False, backend="openvino")
+        logic.segment_arrays(mrml.volume_from_node(node), student, "cpu", uncertainty=False, backend="openvino")  # the segmenter is kept
+    lines = [r.getMessage() for r in caplog.records if "SemiSAM" in r.getMessage()]
+    assert len(lines) == 1 and "openvino unavailable" in lines[0] and "using torch" in lines[0], lines
+    (segmenter,) = logic._segmenters.values()
+    assert ":fast-openvino" not in segmenter.encoder.cache_id and result.label.shape == node.GetImageData().GetDimensions()[::-1]
+
+
 @pytest.mark.parametrize("checkpoint, device, message", [
     ("", "cpu", "student checkpoint \\(none\\) not found"),
     ("/nope/best.pt", "cpu", "not found: choose a trained student"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import slicer_app  # noqa: F401  (puts SemiSAMSegment/ on sys.path)
-from SemiSAMSegmentLib.refine import Refiner
+from SemiSAMSegmentLib.refine import Refiner, prefetch_order
 from SemiSAMSegmentLib.worker import ModelWorker
 from semisam.phantom import make_phantom
 
@@ -87,5 +87,66 @@ def test_refiner_lives_on_the_worker_thread(phantom):
         job = lambda r, c: (r.set_volume(phantom.image.array, phantom.image.spacing, key=1), r.predict(0, z, [(int(r0), int(c0), True)]))[1]
         mask = worker.submit(job, key="predict").result(timeout=120)
         assert mask[r0, c0]  # a + click's pixel is foreground
+    finally:
+        worker.shutdown()
+
+
+def test_prefetch_order_is_nearest_first_within_the_volume():
+    assert prefetch_order(5, 20) == [5, 6, 4, 7, 3]
+    assert prefetch_order(0, 3) == [0, 1, 2]
+    assert prefetch_order(2, 3, radius=1) == [2, 1]
+
+
+def test_prefetched_neighbours_make_a_cached_click(refiner, phantom):
+    label = phantom.label.array > 0
+    z = int(np.argmax(label.sum(axis=(1, 2))))
+    refiner.set_volume(phantom.image.array * 1.0001, phantom.image.spacing, key="prefetch")  # a new volume: nothing cached
+    worker = ModelWorker(lambda: refiner)
+    try:
+        assert worker.submit_idle(lambda r, c: r.prefetch(0, z, cancel=c.is_set)).result(timeout=120) == 5
+        assert all(refiner.session.is_cached(0, i) for i in (z - 2, z - 1, z, z + 1, z + 2))
+        rows, cols = np.nonzero(label[z + 1])
+        worker.submit(lambda r, c: r.predict(0, z + 1, [(int(rows.mean()), int(cols.mean()), True)])).result(timeout=60)
+        assert refiner.session.last_info["encoded"] is False  # the click on the neighbour found its embedding
+    finally:
+        worker.shutdown()
+
+
+def test_a_click_interrupts_a_running_prefetch(refiner, phantom, monkeypatch):
+    import threading
+
+    from semisam.errors import Cancelled
+
+    refiner.set_volume(phantom.image.array * 0.9999, phantom.image.spacing, key="interrupt")
+    runner = getattr(refiner.session.encoder.module, "runner", None)
+    if runner is None or refiner.session.encoder.module.backend != "openvino":
+        pytest.skip("the encoder does not run on OpenVINO here (only it can stop a running inference)")
+    started, outcomes = threading.Event(), []
+    original = runner.run
+
+    def run(x, cancel=None):
+        started.set()
+        try:
+            out = original(x, cancel)
+        except Cancelled:
+            outcomes.append("cancelled")
+            raise
+        outcomes.append("finished")
+        return out
+
+    monkeypatch.setattr(runner, "run", run)
+    label = phantom.label.array > 0
+    z = int(np.argmax(label.sum(axis=(1, 2))))
+    rows, cols = np.nonzero(label[z])
+    worker = ModelWorker(lambda: refiner)
+    try:
+        prefetch = worker.submit_idle(lambda r, c: r.prefetch(0, 3, cancel=c.is_set))
+        assert started.wait(60)
+        click = worker.submit(lambda r, c: r.predict(0, z, [(int(rows.mean()), int(cols.mean()), True)]))
+        assert prefetch.result(timeout=60) == 0  # stopped inside its first slice
+        assert outcomes[0] == "cancelled"  # the running inference was abandoned, not waited for
+        mask = click.result(timeout=60)
+        assert mask.shape == label[z].shape and mask[int(rows.mean()), int(cols.mean())]
+        assert outcomes[1:] == ["finished"] and not refiner.session.is_cached(0, 3)
     finally:
         worker.shutdown()

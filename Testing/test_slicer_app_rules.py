@@ -539,6 +539,66 @@ def test_activating_the_effect_asks_for_the_requirements_before_building_the_wor
     assert env.requirements.calls[-1] == () and env.effect._worker is not None
 
 
+def test_the_effect_prefetches_neighbours_after_a_result_and_a_click_cancels_it(effect_env):
+    """Issue 18: after a slice's proposal is shown the worker embeds its neighbours while idle
+    (the poller keeps yielding the GIL meanwhile); the next click stops that at once."""
+    import threading
+
+    import numpy as np
+
+    import slicer_app
+    from SemiSAMSegmentLib.interaction import SliceInteraction
+    from SemiSAMSegmentLib.worker import ModelWorker
+
+    env = effect_env
+    calls, started = [], threading.Event()
+
+    class Refiner:  # the worker's model, recording what the effect asks of it
+        def prefetch(self, axis, index, cancel):
+            calls.append(("prefetch", axis, index))
+            started.set()
+            while not cancel():
+                threading.Event().wait(0.005)
+            return "stopped by a click"
+
+        def set_volume(self, *args, **kwargs):
+            calls.append(("set_volume",))
+
+        def predict(self, axis, index, clicks, box=None, previous=None):
+            calls.append(("predict", axis, index))
+            return np.ones(env.shape[1:], bool)
+
+    slicer_app.FakeQSettings.store["SemiSAM/EncoderBackend"] = "onnxruntime"
+    env.effect._worker = ModelWorker(lambda: Refiner())
+    image = env.source.GetImageData()
+    env.effect._volumeKey = (env.source.GetID(), image.GetMTime())  # the worker has this volume
+    env.effect._interaction = SliceInteraction(env.shape)
+    env.effect._interaction.add_click(0, 2, 5, 5, True)
+    env.effect._showResult(np.ones(env.shape[1:], bool), ("slice", 0, 2))
+    assert started.wait(10) and calls == [("prefetch", 0, 2)]
+    assert env.effect._poller.active and env.effect._poll() is True  # ticking while the prefetch runs
+    env.effect._interaction.add_click(0, 3, 5, 5, True)
+    env.effect._submitPredict(env.effect._volumeKey, None)
+    prefetch, (future, _) = env.effect._prefetchFuture, env.effect._pending
+    assert prefetch.result(timeout=10) == "stopped by a click"
+    future.result(timeout=10)
+    assert calls == [("prefetch", 0, 2), ("predict", 0, 3)]
+
+
+def test_the_effect_uses_the_encoder_runtime_chosen_in_the_module(effect_env, monkeypatch):
+    import slicer_app
+    from SemiSAMSegmentLib import refine
+
+    made = []
+    monkeypatch.setattr(refine, "Refiner", lambda device, medsam2=None, backend="auto": made.append(backend) or object())
+    monkeypatch.setattr(refine, "medsam2_checkpoint", lambda: None)
+    slicer_app.FakeQSettings.store["SemiSAM/EncoderBackend"] = "torch"
+    env = effect_env
+    env.effect.activate()
+    env.effect._worker.submit(lambda m, c: None).result(timeout=60)
+    assert made == ["torch"]
+
+
 def test_cleanup_stops_the_worker_and_the_timer(effect_env):
     env = effect_env
     env.effect.activate()

@@ -801,7 +801,7 @@ def test_calibrated_threshold_is_chosen_on_validation_and_used_to_segment(tiny: 
     config = write_train_config(tmp_path, tiny.cohort, tiny.cache, phases=(2, 0, 0),
                                 validation={"calibrate_threshold": True, "largest_component": True})
     summary = Trainer(load_config(config), progress="none").run()
-    segmenter = Segmenter(Path(summary["best_checkpoint"]), cache=EmbeddingCache(tiny.cache))  # the run's embeddings
+    segmenter = Segmenter(Path(summary["best_checkpoint"]), cache=EmbeddingCache(tiny.cache), backend="torch")  # the run's (torch) embeddings
     post = segmenter.extra["postprocess"]
     assert post["threshold"] in THRESHOLDS and segmenter.threshold == post["threshold"]
     # recompute the choice from the saved weights on the validation cases

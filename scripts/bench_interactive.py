@@ -18,6 +18,14 @@ at most 20; 20 when never reached), median and mean. Latency: the first click on
 clicks), the first click on a cached slice (candidate boxes), and propagation through a
 128-slice phantom (seconds in all and per slice).
 
+Prefetch (``--no-prefetch`` skips it): the Segment Editor effect's worker
+(``SemiSAMSegmentLib.worker.ModelWorker`` owning a ``Refiner`` on the same session) on phantom
+volumes: the first click on a new slice (nothing embedded), then, as the effect does, the
+neighbours are prefetched while idle; the user scrolls to the next slice, waits 1 s and clicks
+there (time from the click's submission to its mask); and a repeated click (same prompts on an
+embedded slice: no decoding, so it measures the worker's answer time) alone and while a prefetch
+of far slices is running (it must not wait for it).
+
 ``--compare`` runs the click-rule variants of ``VARIANTS`` on the same slices (the
 embeddings are shared) and prints one line each. Human lines first, one JSON object last.
 """
@@ -225,6 +233,56 @@ def bench_propagation(session: InteractiveSession, depth: int, seed: int = 7) ->
     }
 
 
+def bench_prefetch(session: InteractiveSession, seeds, idle_s: float = 1.0) -> dict:
+    """Clicks through the effect's worker with idle prefetching (see the module doc)."""
+    sys.path.insert(0, str(REPO / "SemiSAMSegment"))
+    from SemiSAMSegmentLib.refine import Refiner
+    from SemiSAMSegmentLib.worker import ModelWorker
+
+    refiner = Refiner(session=session, medsam2=None)
+    worker = ModelWorker(lambda: refiner, name="bench worker")
+
+    def click(z, point):
+        t = time.perf_counter()
+        worker.submit(lambda r, c: r.predict(0, z, [point]), key="predict").result(timeout=300)
+        return time.perf_counter() - t, bool(session.last_info["encoded"])
+
+    new, neighbour, during, cached = [], [], [], []
+    try:
+        for seed in seeds:
+            ph = make_phantom(seed, (64, 96, 96))
+            label = ph.label.array > 0
+            z = int(np.argmax(label.sum(axis=(1, 2))))
+            worker.submit(lambda r, c: r.set_volume(ph.image.array, ph.image.spacing, key=("bench", seed))).result(timeout=60)
+            first = next_click(np.zeros_like(label[z]), label[z])
+            new.append(click(z, first))
+            worker.submit_idle(lambda r, c: r.prefetch(0, z, cancel=c.is_set))  # after the result is shown
+            time.sleep(0.1)  # the user scrolls to the next slice
+            worker.submit_idle(lambda r, c: r.prefetch(0, z + 1, cancel=c.is_set))  # the slice under the mouse
+            time.sleep(idle_s)
+            neighbour.append(click(z + 1, next_click(np.zeros_like(label[z + 1]), label[z + 1])))
+            cached.append(click(z, first)[0])
+            # a click on an embedded slice while a prefetch of far slices (not embedded) runs
+            far = worker.submit_idle(lambda r, c: r.prefetch(0, 5, cancel=c.is_set))
+            time.sleep(0.05)
+            during.append(click(z, first)[0])
+            far.cancelled() or far.result(timeout=60)
+    finally:
+        worker.shutdown()
+    ms = lambda v: round(1000 * float(np.median(v)), 1)  # noqa: E731
+    return {
+        "cases": len(seeds),
+        "idle_s": idle_s,
+        "first_click_new_slice_ms": ms([t for t, _ in new]),
+        "first_click_prefetched_neighbour_ms": ms([t for t, _ in neighbour]),
+        "prefetched_neighbour_was_embedded": [not e for _, e in neighbour],
+        "repeat_click_ms": ms(cached),
+        "repeat_click_during_prefetch_ms": ms(during),
+        "per_case_ms": {"new": [round(1000 * t, 1) for t, _ in new], "neighbour": [round(1000 * t, 1) for t, _ in neighbour],
+                        "during_prefetch": [round(1000 * t, 1) for t in during]},
+    }
+
+
 def latency_summary(per_dataset: Dict[str, List[dict]]) -> dict:
     first, cached, decoding = [], [], []
     for results in per_dataset.values():
@@ -251,6 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--compare", action="store_true", help="also run the click-rule variants")
     ap.add_argument("--variants", nargs="*", default=None, help="subset of variants for --compare")
     ap.add_argument("--no-propagation", action="store_true")
+    ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"), help="the encoder's runtime (default auto)")
+    ap.add_argument("--precision", default="auto", help="the encoder's precision on that runtime (auto, fp32, bf16)")
     args = ap.parse_args(argv)
 
     n_hc = args.hc18 if args.hc18 is not None else (3 if args.quick else 16)
@@ -258,9 +319,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     max_clicks = 10 if args.quick else MAX_CLICKS
     import torch
 
+    from semisam.models.backends import accelerated_encoder
+    from semisam.models.encoders import build_litemedsam, litemedsam_encoder
+
     t0 = time.perf_counter()
-    session = InteractiveSession()
-    print(f"model loaded in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}")
+    net = build_litemedsam()
+    encoder = accelerated_encoder(litemedsam_encoder(net), args.backend, args.precision)
+    session = InteractiveSession(net=net, encoder=encoder)
+    print(f"model loaded in {time.perf_counter() - t0:.1f} s (encoder {encoder.cache_id.split(':fast-')[-1]}); torch threads {torch.get_num_threads()}")
     cases = phantom_cases(range(200, 200 + n_ph), (64, 96, 96), (0, 1, 2)) + hc18_cases(n_hc)
     print(f"{len(cases)} slices: " + ", ".join(f"{d} {sum(c.dataset == d for c in cases)}" for d in dict.fromkeys(c.dataset for c in cases)))
 
@@ -316,12 +382,24 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"cached {prop['cached_seconds_per_slice']} s/slice; 3D Dice {prop['dice3d_stop']} with the stopping rule "
               f"({prop['propagated_slices']} slices, target spans {prop['target_slices']}), {prop['dice3d_nostop']} without")
 
+    prefetch = None
+    if not args.no_prefetch:
+        prefetch = bench_prefetch(session, range(300, 300 + (2 if args.quick else 4)))
+        print(f"prefetch ({prefetch['cases']} phantoms, through the effect's worker): first click on a new slice {prefetch['first_click_new_slice_ms']} ms; "
+              f"on the neighbour scrolled to after {prefetch['idle_s']} s idle {prefetch['first_click_prefetched_neighbour_ms']} ms "
+              f"(embedded ahead: {prefetch['prefetched_neighbour_was_embedded']}); a repeated click (no decoding) {prefetch['repeat_click_ms']} ms, "
+              f"during a prefetch {prefetch['repeat_click_during_prefetch_ms']} ms")
+
     goals = {
         "noc90_le_3": all(s["noc90"]["median"] <= 3 for s in summary.values()),
         "cached_click_le_50ms": latency["cached_click_ms"] is not None and latency["cached_click_ms"] <= 50,
     }
+    if prefetch is not None:
+        goals["first_click_new_slice_le_300ms"] = prefetch["first_click_new_slice_ms"] <= 300
+        goals["prefetched_neighbour_le_50ms"] = prefetch["first_click_prefetched_neighbour_ms"] <= 50
     print(f"goals: {goals}")
-    record = {"quick": args.quick, "max_clicks": max_clicks, "datasets": summary, "latency": latency, "propagation": prop, "goals": goals}
+    record = {"quick": args.quick, "max_clicks": max_clicks, "encoder": encoder.cache_id.split(":fast-")[-1], "datasets": summary,
+              "latency": latency, "propagation": prop, "prefetch": prefetch, "goals": goals}
     if compare:
         record["compare"] = compare
     print(json.dumps(record))

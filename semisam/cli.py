@@ -98,7 +98,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
         format_of(out)  # refuse an unknown extension before any work
     t0 = time.time()
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else EmbeddingCache()
-    segmenter = Segmenter(args.checkpoint, args.device, args.encoder_checkpoint, args.compile, cache)
+    if args.compile and args.backend in ("openvino", "onnxruntime"):
+        raise ValueError(f"--compile compiles the torch backend; drop it or use --backend torch (not {args.backend})")
+    backend = "torch" if args.compile else args.backend
+    # auto falls back to torch with one warning line if the runtime cannot load; a named runtime is an error
+    fallback = (lambda m: print(f"warning: {m}", file=sys.stderr)) if backend == "auto" else None
+    segmenter = Segmenter(args.checkpoint, args.device, args.encoder_checkpoint, args.compile, cache, backend=backend, fallback=fallback)
     volume = read_volume(args.input)
     result = segmenter.segment(volume, uncertainty=bool(args.uncertainty), largest_component=args.largest_component)
     write_volume(result.label, args.output)
@@ -210,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
     p.add_argument("--encoder-checkpoint", default=None, help="SAM/MedSAM ViT-B weights when the student was trained on them")
     p.add_argument("--cache-dir", default=None, help="keep slice embeddings here for later runs")
-    p.add_argument("--compile", action="store_true", help="compile the encoder (about a minute the first time, then ~2x faster per slice)")
+    p.add_argument("--compile", action="store_true", help="compile the torch encoder (about a minute the first time, then ~2x faster per slice; implies --backend torch)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+                   help="the encoder's runtime (default auto: OpenVINO on the CPU when installed, else torch; torch on CUDA). "
+                        "A runtime's converted encoder is made once and kept beside the embedding cache")
     p.add_argument("--largest-component", dest="largest_component", action="store_true", default=None,
                    help="keep each structure's largest connected piece (default: as the student was trained)")
     p.add_argument("--all-components", dest="largest_component", action="store_false", help="keep every piece")

@@ -46,6 +46,7 @@ class EncoderSection:
     checkpoint: Optional[str] = None  # weights for medsam-vit-b / sam-vit-b (default: the models folder)
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 where the CPU/GPU runs it natively)
     compile: bool = False  # torch.compile the encoder (~1 min the first time, then ~2x faster per slice)
+    backend: str = "auto"  # torch | openvino | onnxruntime | auto (auto: openvino on a CPU when installed, else torch; torch on CUDA)
     batch_size: int = 8  # slices per encoder call
     input_size: int = 0  # side slices are resized to before encoding: 0 = native (LiteMedSAM 256); litemedsam also runs at multiples of 32 from 64 to 512, cost ~ side^2
 
@@ -293,6 +294,9 @@ def _check(cfg: TrainConfig, problems: List[str]) -> None:
     need(cfg.encoder.name in encoders, "encoder.name", f"must be one of {', '.join(encoders)}", cfg.encoder.name)
     need(cfg.encoder.precision in ("auto", "bf16", "fp32"), "encoder.precision", "must be auto, bf16 or fp32", cfg.encoder.precision)
     need(cfg.encoder.batch_size >= 1, "encoder.batch_size", "must be >= 1", cfg.encoder.batch_size)
+    need(cfg.encoder.backend in ("auto", "torch", "openvino", "onnxruntime"), "encoder.backend", "must be auto, torch, openvino or onnxruntime", cfg.encoder.backend)
+    need(not (cfg.encoder.compile and cfg.encoder.backend in ("openvino", "onnxruntime")), "encoder.compile",
+         "compiles the torch backend only; set encoder.backend to torch (or auto) or compile to false", cfg.encoder.compile)
     if cfg.encoder.name in encoders:
         try:
             check_input_size(cfg.encoder.name, cfg.encoder.input_size)

@@ -47,3 +47,7 @@ class OutputError(SemiSAMError):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+
+class Cancelled(SemiSAMError):
+    """The caller's ``cancel()`` returned True; nothing was produced."""

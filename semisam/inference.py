@@ -13,15 +13,11 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from .errors import SemiSAMError
+from .errors import Cancelled, SemiSAMError
 from .models.encoders import EmbeddingCache, SliceEncoder
 from .models.student import SlicingSAM3D
 from .preprocess import PreprocessConfig, invert, preprocess
 from .volume import Volume
-
-
-class Cancelled(SemiSAMError):
-    """The caller's ``cancel()`` returned True; nothing was produced."""
 
 
 @dataclass
@@ -122,16 +118,23 @@ def keep_largest_component(label: np.ndarray) -> np.ndarray:
     return out
 
 
-def student_encoder(student: SlicingSAM3D, device: str = "cpu", encoder_checkpoint: Optional[str] = None, compile: bool = False) -> SliceEncoder:
+def student_encoder(student: SlicingSAM3D, device: str = "cpu", encoder_checkpoint: Optional[str] = None, compile: bool = False,
+                    backend: str = "auto", model_cache: Optional[str | Path] = None, fallback: Optional[Callable[[str], None]] = None) -> SliceEncoder:
     """The frozen slice encoder a student was trained on: the shipped LiteMedSAM, or SAM/MedSAM
-    ViT-B weights (``encoder_checkpoint`` or the models folder)."""
-    from .models.encoders import build_sam_vit, fast_encoder, litemedsam_encoder, sam_encoder
+    ViT-B weights (``encoder_checkpoint`` or the models folder), on ``backend``
+    (:func:`semisam.models.backends.accelerated_encoder`; converted encoders kept in ``model_cache``)."""
+    from .models.backends import accelerated_encoder
+    from .models.encoders import build_sam_vit, litemedsam_encoder, sam_encoder
     from .models.registry import catalogue, checkpoint_path, models_folder
 
     name = student.config.encoder
     size = student.config.encoder_input_size
+
+    def accelerate(plain: SliceEncoder) -> SliceEncoder:
+        return accelerated_encoder(plain, backend, compile=compile, root=model_cache, fallback=fallback)
+
     if name == "litemedsam" and encoder_checkpoint is None:
-        return fast_encoder(litemedsam_encoder(device=device, input_size=size), compile=compile)
+        return accelerate(litemedsam_encoder(device=device, input_size=size))
     weights = encoder_checkpoint
     entries = catalogue()
     if weights is None and name in entries:
@@ -141,8 +144,8 @@ def student_encoder(student: SlicingSAM3D, device: str = "cpu", encoder_checkpoi
     if name == "litemedsam":
         from .models.encoders import build_litemedsam
 
-        return fast_encoder(litemedsam_encoder(build_litemedsam(weights, device=device), input_size=size), compile=compile)
-    return fast_encoder(sam_encoder(build_sam_vit(weights, device, name=name), name), compile=compile)
+        return accelerate(litemedsam_encoder(build_litemedsam(weights, device=device), input_size=size))
+    return accelerate(sam_encoder(build_sam_vit(weights, device, name=name), name))
 
 
 class Segmenter:
@@ -152,16 +155,24 @@ class Segmenter:
     Args:
         checkpoint: a student checkpoint written by training (``best.pt``).
         encoder_checkpoint: weights of the encoder when the student was not trained on the shipped LiteMedSAM.
+        backend: the encoder's runtime: ``auto``, ``torch``, ``openvino`` or ``onnxruntime``
+            (:mod:`semisam.models.backends`); its converted model is kept beside the embedding
+            cache (:func:`~semisam.models.backends.model_cache_dir`).
+        fallback: when given, a runtime that is missing or fails to load is replaced by torch
+            and ``fallback`` gets one sentence saying so; else that is an error.
     """
 
     def __init__(self, checkpoint, device: str = "cpu", encoder_checkpoint: Optional[str] = None, compile: bool = False,
-                 cache: Optional[EmbeddingCache] = None, warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr)):
+                 cache: Optional[EmbeddingCache] = None, warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
+                 backend: str = "auto", fallback: Optional[Callable[[str], None]] = None):
+        from .models.backends import model_cache_dir
         from .models.student import load_student
 
         self.checkpoint = Path(checkpoint)
         self.device = device
         self.student, self.extra = load_student(self.checkpoint, device)
-        self.encoder = student_encoder(self.student, device, encoder_checkpoint, compile)
+        cache = cache or EmbeddingCache()
+        self.encoder = student_encoder(self.student, device, encoder_checkpoint, compile, backend, model_cache_dir(cache.cache_dir), fallback)
         recorded = self.extra.get("preprocess")
         if isinstance(recorded, dict):
             self.preprocess_config = PreprocessConfig(**recorded)
@@ -170,7 +181,7 @@ class Segmenter:
             warn(f"{checkpoint} records no preprocessing settings; using the defaults")
         self.largest_component = bool(self.extra.get("postprocess", {}).get("largest_component"))
         self.threshold = recorded_threshold(self.extra)
-        self.cache = cache or EmbeddingCache()
+        self.cache = cache
         self.warn = warn
 
     @property

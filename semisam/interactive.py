@@ -71,7 +71,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .models.encoders import SliceEncoder, bf16_supported, build_litemedsam, fast_encoder, litemedsam_encoder
+from .errors import Cancelled
+from .models.encoders import SliceEncoder, bf16_supported, build_litemedsam, litemedsam_encoder
 from .preprocess import normalise
 
 AXIS_NAMES = ("z", "y", "x")
@@ -303,8 +304,8 @@ class InteractiveSession:
     Args:
         net: the full LiteMedSAM (``image_encoder``, ``prompt_encoder``, ``mask_decoder``);
             default :func:`~semisam.models.encoders.build_litemedsam` (the shipped weights).
-        encoder: the slice encoder; default :func:`~semisam.models.encoders.fast_encoder` of
-            the net's TinyViT (the same one the student and the teacher use).
+        encoder: the slice encoder; default the net's TinyViT on ``backend`` (the same
+            encoder the student and the teacher use).
         device: where the model runs.
         max_slices: embeddings kept (about 2 MB each, fp16), least recently used dropped.
         policy: the click rules (:class:`ClickPolicy`).
@@ -315,6 +316,12 @@ class InteractiveSession:
         precision: the mask decoder's matrix products: ``"bf16"`` (autocast; about twice as
             fast on CPUs with native bf16, masks within IoU 0.985 of fp32), ``"fp32"``, or
             ``"auto"`` (bf16 where the device has it natively).
+        backend: the encoder's runtime when ``encoder`` is not given: ``"auto"`` (OpenVINO on
+            a CPU when installed, else torch), ``"torch"``, ``"openvino"``, ``"onnxruntime"``
+            (:mod:`semisam.models.backends`; the converted encoder is kept in ``model_cache``,
+            default ``~/.semisam/cache/encoders``).
+        fallback: when given, a runtime that is missing or fails to load is replaced by torch
+            and ``fallback`` gets one sentence saying so; else that is an error.
 
     Attributes:
         encoded_slices: how many slices this session had the encoder compute.
@@ -334,10 +341,17 @@ class InteractiveSession:
         square_pixels: bool = True,
         encode_batch: int = 4,
         precision: str = "auto",
+        backend: str = "auto",
+        model_cache: Optional[str] = None,
+        fallback: Optional[Callable[[str], None]] = None,
     ):
+        from .models.backends import accelerated_encoder
+
         self.device = torch.device(device)
         self.net = (net if net is not None else build_litemedsam(device=str(self.device))).eval()
-        self.encoder = encoder if encoder is not None else fast_encoder(litemedsam_encoder(self.net))
+        if encoder is None:
+            encoder = accelerated_encoder(litemedsam_encoder(self.net), backend, root=model_cache, fallback=fallback)
+        self.encoder = encoder
         self.size = int(self.encoder.input_size)
         native = int(self.net.prompt_encoder.input_image_size[0])
         if self.size != native:
@@ -422,6 +436,29 @@ class InteractiveSession:
     def is_cached(self, axis: int, index: int) -> bool:
         """Whether the embedding of that slice is in memory (a click on it costs the decoder only)."""
         return (int(axis), int(index)) in self._embeddings
+
+    def prefetch(self, axis: int, indices: Sequence[int], cancel: Optional[Callable[[], bool]] = None) -> int:
+        """Embed, one at a time and in the order given, the slices among ``indices`` (along
+        ``axis``; those outside the volume are skipped) that are not cached yet, so that a
+        later click on them costs the decoder only. ``cancel()`` is polled before each slice
+        and while one is encoded (an OpenVINO inference stops within milliseconds; other
+        runtimes finish the slice): when it returns True the prefetch stops, keeping the
+        slices already done. Returns how many slices it embedded."""
+        axis = self._check_axis(axis)
+        n = self.shape[axis]
+        done = 0
+        for i in indices:
+            i = int(i)
+            if not 0 <= i < n or self.is_cached(axis, i):
+                continue
+            if cancel is not None and cancel():
+                break
+            try:
+                self._embed_many(axis, [i], cancel=cancel)
+            except Cancelled:
+                break
+            done += 1
+        return done
 
     # ----------------------------------------------------------------------------------------
     # Prediction
@@ -859,14 +896,14 @@ class InteractiveSession:
         out[: frame.fh, : frame.fw] = s[0, 0].clamp(0, 1)
         return out
 
-    def _embed_many(self, axis: int, indices: Sequence[int]) -> None:
+    def _embed_many(self, axis: int, indices: Sequence[int], cancel: Optional[Callable[[], bool]] = None) -> None:
         """Encode, in one batch, the slices among ``indices`` that are not cached yet."""
         todo = [i for i in indices if (axis, i) not in self._embeddings]
         if not todo:
             return
         frame = self._frame(axis)
         batch = torch.stack([self._frame_input(axis, i, frame) for i in todo])
-        emb = self.encoder.encode(batch, batch_size=len(todo)).to(torch.float16)
+        emb = self.encoder.encode(batch, batch_size=len(todo), cancel=cancel).to(torch.float16)
         self.encoded_slices += len(todo)
         for i, e in zip(todo, emb):
             self._embeddings[(axis, i)] = e[None]

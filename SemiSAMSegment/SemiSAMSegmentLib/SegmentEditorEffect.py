@@ -13,6 +13,12 @@ worker while a job runs (see jobs.py for why). Every callback reports its except
 
 Mouse: left click = + click (Shift+left = − click) in "click" mode; left drag = box (in any
 mode). Keys: Enter = Apply, Escape = Cancel, Backspace = undo the last prompt.
+
+Prefetch: while the worker is idle it embeds, at the lowest priority, the slices next to the
+one just segmented and, when the user scrolls the view under the mouse, the slice shown there
+and its neighbours (``Refiner.prefetch``), so that the first click there finds its embedding.
+Any click cancels a running prefetch at once (``ModelWorker.submit_idle``); the poller keeps
+yielding the GIL while a prefetch runs.
 """
 
 import logging
@@ -26,6 +32,7 @@ from SemiSAMSegmentLib.jobs import GilYieldingPoller, outcome, reportErrors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRAG_PIXELS = 5  # a press and release further apart than this is a box
+PREFETCH_DELAY_MS = 150  # after the last scroll step, prefetch around the slice shown
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -48,6 +55,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._timer.setSingleShot(True)
         self._timer.connect("timeout()", self._tick)
         self._poller = GilYieldingPoller(self._poll, self._timer.start)
+        self._hoverView = None  # the slice view under the mouse
+        self._prefetchFuture = None
+        self._scrollTimer = qt.QTimer()
+        self._scrollTimer.setSingleShot(True)
+        self._scrollTimer.connect("timeout()", self._onScrolled)
 
     # -------------------------------------------------------------- what the editor calls
 
@@ -144,6 +156,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """Slicer deletes the effect (or reloads the module): stop the poller and the worker."""
         self._poller.stop()
         self._timer.stop()
+        self._scrollTimer.stop()
+        self._prefetchFuture = None
         if self._worker is not None:
             self._worker.shutdown(wait=False)
             self._worker = None
@@ -186,6 +200,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if key == "BackSpace":
                 return self.onUndoPrompt()
             return False
+        if eventId == vtk.vtkCommand.MouseMoveEvent and self._press is None:
+            self._hoverView = viewWidget  # scrolling this view prefetches its slice
+            return False
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
             self._press = (viewWidget, callerInteractor.GetEventPosition(), callerInteractor.GetShiftKey())
             return True
@@ -205,6 +222,49 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.onClick(viewWidget, start, positive)
             return True
         return False
+
+    @reportErrors("SemiSAM could not follow the slice view.")
+    def processViewNodeEvents(self, callerViewNode, eventId, viewWidget):
+        """A slice node changed (scroll, pan, zoom): when it is the view under the mouse,
+        prefetch around the slice it shows once the scrolling pauses."""
+        if self._worker is None or viewWidget is not self._hoverView:
+            return
+        if callerViewNode is None or not callerViewNode.IsA("vtkMRMLSliceNode"):
+            return
+        self._scrollTimer.start(PREFETCH_DELAY_MS)
+
+    @reportErrors("SemiSAM could not prefetch the slice under the mouse.")
+    def _onScrolled(self):
+        from SemiSAMSegmentLib import mrml
+
+        view = self._hoverView
+        segmentationNode, segmentId, source = self._nodes()
+        if view is None or source is None:
+            return
+        try:
+            axis, index = mrml.slice_plane(view.sliceLogic().GetSliceNode(), source)
+        except ValueError:  # an oblique view or a slice outside the volume: nothing to embed
+            return
+        self._prefetch(axis, index)
+
+    def _prefetch(self, axis, index):
+        """Embed slice ``index`` along ``axis`` and its neighbours while the worker is idle.
+        Only for the volume the worker already has (a new volume goes with the next click)."""
+        if self._worker is None or self._pending is not None:
+            return
+        segmentationNode, segmentId, source = self._nodes()
+        image = source.GetImageData() if source is not None else None
+        if image is None or (source.GetID(), image.GetMTime()) != self._volumeKey:
+            return
+
+        def job(refiner, cancel):
+            return refiner.prefetch(axis, index, cancel=cancel.is_set)
+
+        self._prefetchFuture = self._worker.submit_idle(job)
+        self._poller.start()  # the worker needs the GIL while it prefetches
+
+    def _prefetching(self):
+        return self._prefetchFuture is not None and not self._prefetchFuture.done()
 
     # -------------------------------------------------------------- prompts
 
@@ -233,7 +293,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                     medsam2 = "auto"
                 else:
                     self._status("MedSAM2's package (sam2) is not installed: propagation uses LiteMedSAM slice by slice.")
-            self._worker = ModelWorker(lambda: Refiner(_bestDevice(), medsam2=medsam2), name="SemiSAM effect worker")
+            backend = str(qt.QSettings().value("SemiSAM/EncoderBackend", "auto") or "auto")  # chosen in SemiSAM Segment
+            self._worker = ModelWorker(lambda: Refiner(_bestDevice(), medsam2=medsam2, backend=backend), name="SemiSAM effect worker")
         return self._worker
 
     def _status(self, text):
@@ -366,7 +427,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._poller.tick()
 
     def _poll(self):
-        """One poller tick: progress, and the result once the job is done. True while pending."""
+        """One poller tick: progress, and the result once the job is done. True while a job or
+        a prefetch is pending."""
+        pending = self._pollJob()
+        return pending or self._prefetching()
+
+    def _pollJob(self):
         done, total = self._progress
         if total and self.progressBar.visible:
             self.progressBar.setValue(int(100 * done / total))
@@ -398,6 +464,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 return  # the user moved on to another slice
             self._interaction.set_slice_proposal(mask)
             self.statusLabel.text = f"Preview: {int(mask.sum())} pixels on this slice. Apply (Enter) or keep clicking."
+            self._showPreview()
+            self._updateButtons()
+            self._prefetch(kind[1], kind[2])  # the neighbours, while the user looks at the preview
+            return
         else:
             self._interaction.set_volume_proposal(mask)
             stopped = "Stopped early: preview of the slices done so far. " if self._stopRequested else "Preview: "

@@ -34,6 +34,17 @@ def resolve_device(name: str) -> str:
     return name
 
 
+#: Choices of the encoder backend setting (SemiSAM Segment and its Segment Editor effect).
+BACKENDS = ("auto", "openvino", "onnxruntime", "torch")
+
+
+def log_fallback(message: str) -> None:
+    """The one log line when the chosen encoder backend cannot be used and torch runs instead."""
+    import logging
+
+    logging.warning(f"SemiSAM: {message}")
+
+
 def student_checkpoints(folder: Optional[os.PathLike | str] = None) -> List[Path]:
     """Student checkpoints offered in the model list: ``<models folder>/students/*.pt``, newest first."""
     from semisam.models.registry import models_folder
@@ -99,11 +110,15 @@ class SemiSAMSegmentLogic:
     """
 
     def __init__(self) -> None:
-        self._segmenters: Dict[Tuple[str, str, Optional[str]], object] = {}
+        self._segmenters: Dict[Tuple[str, str, Optional[str], str], object] = {}
 
-    def segmenter(self, checkpoint: os.PathLike | str, device: str = "auto", encoder_checkpoint: Optional[str] = None):
-        """A cached :class:`semisam.inference.Segmenter` per (checkpoint, device): the encoder and
-        the slice embeddings are kept between runs on the same volume."""
+    def segmenter(self, checkpoint: os.PathLike | str, device: str = "auto", encoder_checkpoint: Optional[str] = None, backend: str = "auto"):
+        """A cached :class:`semisam.inference.Segmenter` per (checkpoint, device, backend): the
+        encoder and the slice embeddings are kept between runs on the same volume.
+
+        ``backend``: the encoder's runtime (``auto``, ``openvino``, ``onnxruntime``, ``torch``).
+        One that is missing or fails to load is replaced by torch, with one line in the log
+        (:func:`log_fallback`)."""
         from semisam.inference import Segmenter
 
         if not checkpoint or not Path(checkpoint).is_file():
@@ -112,18 +127,19 @@ class SemiSAMSegmentLogic:
                 "`semisam train` or `semisam demo`, e.g. demo_output/run/best.pt)"
             )
         dev = resolve_device(device)
-        key = (str(Path(checkpoint).resolve()), dev, encoder_checkpoint)
+        key = (str(Path(checkpoint).resolve()), dev, encoder_checkpoint, backend)
         if key not in self._segmenters:
-            self._segmenters[key] = Segmenter(checkpoint, dev, encoder_checkpoint, warn=lambda m: None)
+            self._segmenters[key] = Segmenter(checkpoint, dev, encoder_checkpoint, warn=lambda m: None, backend=backend, fallback=log_fallback)
         return self._segmenters[key]
 
     def segment_arrays(self, volume, checkpoint, device: str = "auto", uncertainty: bool = True,
-                       progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> SegmentResult:
+                       progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None,
+                       backend: str = "auto") -> SegmentResult:
         """The student's labels (and uncertainty) for a ``semisam`` Volume, on its grid."""
         import time
 
         t0 = time.time()
-        seg = self.segmenter(checkpoint, device)
+        seg = self.segmenter(checkpoint, device, backend=backend)
         result = seg.segment(volume, uncertainty=uncertainty, progress=progress, cancel=cancel)
         unc = result.uncertainty.array.astype(np.float32) if result.uncertainty is not None else None
         return SegmentResult(result.label.array.astype(np.uint8), unc, seg.labels, time.time() - t0)
@@ -154,9 +170,9 @@ class SemiSAMSegmentLogic:
         return self.apply(result, job.volume_node, segmentation_node, uncertainty_node)
 
     def process(self, volume_node, checkpoint, device: str = "auto", uncertainty: bool = True, segmentation_node=None, uncertainty_node=None,
-                progress=None, cancel=None):
+                progress=None, cancel=None, backend: str = "auto"):
         """Segment ``volume_node`` and write the nodes (see :meth:`apply`)."""
-        result = self.segment_arrays(mrml.volume_from_node(volume_node), checkpoint, device, uncertainty, progress, cancel)
+        result = self.segment_arrays(mrml.volume_from_node(volume_node), checkpoint, device, uncertainty, progress, cancel, backend)
         return self.apply(result, volume_node, segmentation_node, uncertainty_node)
 
     # -------------------------------------------------------------- export

@@ -9,9 +9,21 @@ propagation runs LiteMedSAM slice by slice from the previous slice's mask.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+
+#: Slices on each side of the shown one that the idle worker embeds ahead of a click.
+PREFETCH_RADIUS = 2
+
+
+def prefetch_order(index: int, count: int, radius: int = PREFETCH_RADIUS) -> List[int]:
+    """The slices to embed ahead, nearest first: ``index``, ``index + 1``, ``index - 1``,
+    ``index + 2`` ... up to ``radius`` away, within ``0 .. count - 1``."""
+    order = [index]
+    for d in range(1, radius + 1):
+        order += [index + d, index - d]
+    return [i for i in order if 0 <= i < count]
 
 
 def medsam2_checkpoint() -> Optional[Path]:
@@ -30,13 +42,19 @@ class Refiner:
         session: an InteractiveSession to use (default: the shipped LiteMedSAM).
         medsam2: a MedSAM2 teacher object, ``"auto"`` (the models folder's checkpoint when
             present) or None (LiteMedSAM propagation only).
+        backend: the encoder's runtime (``auto``, ``openvino``, ``onnxruntime``, ``torch``);
+            one that is missing or fails to load is replaced by torch with one log line.
     """
 
-    def __init__(self, device: str = "cpu", session=None, medsam2="auto"):
-        from semisam.interactive import InteractiveSession
-
+    def __init__(self, device: str = "cpu", session=None, medsam2="auto", backend: str = "auto"):
         self.device = device
-        self.session = session if session is not None else InteractiveSession(device=device)
+        if session is None:
+            from semisam.interactive import InteractiveSession
+
+            from .logic import log_fallback
+
+            session = InteractiveSession(device=device, backend=backend, fallback=log_fallback)
+        self.session = session
         if medsam2 == "auto":
             path = medsam2_checkpoint()
             if path is not None:
@@ -68,6 +86,15 @@ class Refiner:
         if self.image is None:
             raise ValueError("no source volume yet: select a source volume in the Segment Editor")
         return self.session.predict(axis, index, clicks, box=box, previous=previous)
+
+    def prefetch(self, axis: int, index: int, cancel: Optional[Callable[[], bool]] = None, radius: int = PREFETCH_RADIUS) -> int:
+        """Embed the slice ``index`` along ``axis`` and its neighbours (:func:`prefetch_order`)
+        ahead of a click; stops when ``cancel()`` is True. Returns how many it embedded (0
+        without a volume)."""
+        if self.image is None:
+            return 0
+        order = prefetch_order(int(index), self.image.shape[int(axis)], radius)
+        return self.session.prefetch(axis, order, cancel=cancel)
 
     def propagate(self, axis: int, index: int, mask: np.ndarray, slices: Optional[int] = None,
                   progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> np.ndarray:

