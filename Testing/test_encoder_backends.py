@@ -148,3 +148,33 @@ def test_bad_choices_are_refused_with_a_message(plain, root):
         with pytest.raises(BackendError, match="fp32 only"):
             runtime_encoder(plain, "onnxruntime", "bf16", root)
     assert resolve("auto", "cuda") == "torch"
+
+
+@pytest.mark.skipif("openvino" not in RUNTIMES, reason="OpenVINO is not installed")
+def test_training_follows_encoder_backend(tmp_path, slices):
+    """encoder.backend in a training config: the student's encoder and a teacher's own encoder
+    run on that runtime (converted beside the embedding cache), their embeddings agree with the
+    torch path's, and encoder.compile means torch. The default stays torch."""
+    from semisam.config import TeacherSection, TrainConfig
+    from semisam.models.backends import model_cache_dir
+    from semisam.training import build_encoder, build_teachers
+
+    cfg = TrainConfig(dataset="unused")
+    assert cfg.encoder.backend == "torch"
+    cfg.encoder.input_size, cfg.encoder.precision = 64, "fp32"
+    torch_encoder, _ = build_encoder(cfg, torch.device("cpu"))
+    assert torch_encoder.cache_id.endswith(":fast-fp32")  # torch's own fast path
+    cfg.encoder.backend = "openvino"
+    cache = EmbeddingCache(tmp_path / "cache")
+    encoder, net = build_encoder(cfg, torch.device("cpu"), model_cache_dir(cache.cache_dir))
+    assert encoder.cache_id.endswith(":fast-openvino-fp32")
+    assert any((tmp_path / "cache" / "encoders").glob("litemedsam-64-openvino-*/meta.json"))
+    c = cosine(encoder.encode(slices), torch_encoder.encode(slices))
+    assert float(c.min()) >= 0.999, c
+    cfg.pseudo.teachers = [TeacherSection(), TeacherSection(input_size=128)]
+    shared, own = build_teachers(cfg, encoder, net, cache, torch.device("cpu"))
+    assert shared.encoder is encoder
+    assert own.encoder.input_size == 128 and own.encoder.cache_id.endswith(":fast-openvino-fp32")
+    cfg.encoder.compile = True  # compiling is torch's: the runtime is not used (nothing is compiled until a call)
+    compiled, _ = build_encoder(cfg, torch.device("cpu"))
+    assert "openvino" not in compiled.cache_id and compiled.cache_id.endswith(":fast-fp32")

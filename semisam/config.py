@@ -46,7 +46,10 @@ class EncoderSection:
     checkpoint: Optional[str] = None  # weights for medsam-vit-b / sam-vit-b (default: the models folder)
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 where the CPU/GPU runs it natively)
     compile: bool = False  # torch.compile the encoder (~1 min the first time, then ~2x faster per slice)
-    backend: str = "auto"  # torch | openvino | onnxruntime | auto (auto: openvino on a CPU when installed, else torch; torch on CUDA)
+    # The encoder's runtime in training: torch | openvino | onnxruntime | auto (auto: openvino on a CPU when installed,
+    # else torch; torch on CUDA). Training's default stays torch, the path every benchmark in BENCHMARKS.md measured;
+    # `semisam segment` and the Slicer modules default to auto. Embeddings of different runtimes are cached apart.
+    backend: str = "torch"
     batch_size: int = 8  # slices per encoder call
     input_size: int = 0  # side slices are resized to before encoding: 0 = native (LiteMedSAM 256); litemedsam also runs at multiples of 32 from 64 to 512, cost ~ side^2
 

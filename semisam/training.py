@@ -167,9 +167,20 @@ def load_item(case: Case, role: str, config: PreprocessConfig) -> Item:
 # ------------------------------------------------------------------------------------------
 
 
-def build_encoder(cfg: TrainConfig, device: torch.device):
-    """(fast slice encoder, the full LiteMedSAM net or None) as configured."""
-    from .models.encoders import build_litemedsam, build_sam_vit, fast_encoder, litemedsam_encoder, sam_encoder
+def _accelerate(cfg: TrainConfig, base: SliceEncoder, model_cache: Optional[Path]) -> SliceEncoder:
+    """``base`` on the configured runtime (``encoder.backend``; ``compile`` means the torch one).
+    A runtime that is missing or fails to load is an error that says what to install or choose."""
+    from .models.backends import accelerated_encoder
+
+    e = cfg.encoder
+    backend = "torch" if e.compile else e.backend
+    return accelerated_encoder(base, backend, precision=e.precision, compile=e.compile, batch_size=e.batch_size, root=model_cache)
+
+
+def build_encoder(cfg: TrainConfig, device: torch.device, model_cache: Optional[Path] = None):
+    """(fast slice encoder, the full LiteMedSAM net or None) as configured; converted encoders
+    of a runtime backend are kept in ``model_cache`` (default: ``~/.semisam/cache/encoders``)."""
+    from .models.encoders import build_litemedsam, build_sam_vit, litemedsam_encoder, sam_encoder
     from .models.registry import catalogue, checkpoint_path
 
     e = cfg.encoder
@@ -180,35 +191,37 @@ def build_encoder(cfg: TrainConfig, device: torch.device):
         weights = e.checkpoint or checkpoint_path(catalogue()[e.name])
         net = None
         base = sam_encoder(build_sam_vit(weights, str(device), name=e.name), e.name)
-    return fast_encoder(base, precision=e.precision, compile=e.compile, batch_size=e.batch_size), net
+    return _accelerate(cfg, base, model_cache), net
 
 
 def build_teachers(cfg: TrainConfig, encoder: SliceEncoder, litemedsam_net, cache: EmbeddingCache, device: torch.device) -> list:
     """The configured SAM-family teachers. Slice teachers on the student's encoder share its
     embeddings (one encoding per slice for everyone)."""
-    from .models.encoders import build_litemedsam, build_sam_vit, fast_encoder, litemedsam_encoder, sam_encoder
+    from .models.backends import model_cache_dir
+    from .models.encoders import build_litemedsam, build_sam_vit, litemedsam_encoder, sam_encoder
     from .models.registry import build_model, catalogue, checkpoint_path
+
+    model_cache = model_cache_dir(cache.cache_dir)
 
     teachers = []
     for t in cfg.pseudo.teachers:
         if t.name == "litemedsam":
             from .models.teacher_litemedsam import LiteMedSAMTeacher
 
-            e = cfg.encoder
             own_side = t.input_size is not None and check_input_size("litemedsam", t.input_size) != encoder.input_size
             if encoder.name == "litemedsam" and litemedsam_net is not None and not t.checkpoint and not own_side:
                 teachers.append(LiteMedSAMTeacher(net=litemedsam_net, encoder=encoder, cache=cache, device=str(device)))
             else:  # its own encoder (another checkpoint, or another input side): embeddings cached apart
                 net = litemedsam_net if (litemedsam_net is not None and not t.checkpoint) else build_litemedsam(t.checkpoint, device=str(device))
                 side = t.input_size if t.input_size is not None else 0
-                enc = fast_encoder(litemedsam_encoder(net, input_size=side), precision=e.precision, compile=e.compile, batch_size=e.batch_size)
+                enc = _accelerate(cfg, litemedsam_encoder(net, input_size=side), model_cache)
                 teachers.append(LiteMedSAMTeacher(net=net, encoder=enc, cache=cache, device=str(device)))
         elif t.name in ("medsam-vit-b", "sam-vit-b"):
             from .models.teacher_sam import SAMTeacher
 
             weights = t.checkpoint or checkpoint_path(catalogue()[t.name])
             sam = build_sam_vit(weights, str(device), name=t.name)
-            enc = encoder if encoder.name == t.name and not t.checkpoint and not cfg.encoder.checkpoint else fast_encoder(sam_encoder(sam, t.name))
+            enc = encoder if encoder.name == t.name and not t.checkpoint and not cfg.encoder.checkpoint else _accelerate(cfg, sam_encoder(sam, t.name), model_cache)
             teachers.append(SAMTeacher(sam, encoder=enc, cache=cache, device=str(device), name=t.name))
         else:
             teachers.append(build_model(t.name, t.checkpoint, str(device)))
@@ -437,7 +450,9 @@ class Trainer:
         cfg = self.cfg
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out / "cache"
         self.cache = EmbeddingCache(cache_dir, max_memory_bytes=int(cfg.data.max_memory_gb * (1 << 30)))
-        self.encoder, self.litemedsam_net = build_encoder(cfg, self.device)
+        from .models.backends import model_cache_dir
+
+        self.encoder, self.litemedsam_net = build_encoder(cfg, self.device, model_cache_dir(cache_dir))
         items = self.labeled + self.unlabeled + self.validation
         t0 = time.time()
         for i, it in enumerate(items):
