@@ -731,3 +731,42 @@ def test_self_tests_skip_without_packages_and_wait_without_sleeping(module):
     assert "time.sleep" not in source, "self-tests must wait through Qt's event loop, as a user's session does"
     assert "testingEnabled()" in source and "skipTest(" in source
     assert "Trainer(" not in source, "no training in the segment self-test"
+
+
+def test_a_second_quick_click_on_a_new_volume_still_hands_the_volume_over(effect_env):
+    """Two clicks on a new volume while the worker is busy: the second click's job supersedes the
+    first before it starts, and still carries the volume (it used to carry none, so the worker
+    had no volume, or kept segmenting the previous one)."""
+    import threading
+
+    import numpy as np
+
+    from SemiSAMSegmentLib.worker import ModelWorker
+
+    env = effect_env
+    gate, calls = threading.Event(), []
+
+    class Refiner:
+        image = None
+
+        def set_volume(self, array, spacing, key=None):
+            calls.append(("set_volume", array.shape))
+            self.image = array
+
+        def predict(self, axis, index, clicks, box=None, previous=None):
+            if self.image is None:
+                raise ValueError("no source volume yet")
+            calls.append(("predict", axis, index))
+            return np.ones(env.shape[1:], bool)
+
+    env.effect._worker = ModelWorker(lambda: Refiner())
+    busy = env.effect._worker.submit(lambda model, cancel: gate.wait(10))  # the next jobs queue behind it
+    for index in (2, 3):
+        _, _, _, key, volume = env.effect._prepareVolume()
+        env.effect._interaction.add_click(0, index, 5, 5, True)
+        env.effect._submitPredict(key, volume)
+    gate.set()
+    busy.result(timeout=10)
+    future, _ = env.effect._pending
+    future.result(timeout=10)
+    assert calls == [("set_volume", env.shape), ("predict", 0, 3)]

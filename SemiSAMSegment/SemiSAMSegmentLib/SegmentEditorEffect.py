@@ -46,6 +46,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._worker = None
         self._interaction = None
         self._volumeKey = None
+        self._volume = None  # the source volume's voxels for _volumeKey, sent with every job
         self._pending = None  # (future, kind)
         self._progress = (0, 0)
         self._press = None  # (viewWidget, xy) of a left-button press
@@ -182,6 +183,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def sourceVolumeNodeChanged(self):
         self.onCancel()
         self._volumeKey = None
+        self._volume = None
 
     masterVolumeNodeChanged = sourceVolumeNodeChanged  # Slicer < 5.4
 
@@ -303,7 +305,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         logging.info(f"SemiSAM effect: {text}")
 
     def _prepareVolume(self):
-        """The source volume's voxels for the worker (read here: MRML is not thread-safe)."""
+        """The source volume's voxels for the worker (read here: MRML is not thread-safe), read
+        again only when the volume changed. Every job carries them: a job may be superseded by
+        the next click before it starts, and the worker must still get the volume
+        (``Refiner.set_volume`` with the same key keeps its embeddings and costs nothing)."""
         from SemiSAMSegmentLib import interaction, mrml
 
         segmentationNode, segmentId, source = self._nodes()
@@ -311,12 +316,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             raise ValueError("select a source volume and a segment first")
         image = source.GetImageData()
         key = (source.GetID(), image.GetMTime() if image is not None else 0)
-        volume = None
-        if key != self._volumeKey or self._interaction is None:
-            volume = mrml.volume_from_node(source)
-            self._interaction = interaction.SliceInteraction(volume.shape)
+        if key != self._volumeKey or self._interaction is None or self._volume is None:
+            self._volume = mrml.volume_from_node(source)
+            self._interaction = interaction.SliceInteraction(self._volume.shape)
             self._volumeKey = key
-        return segmentationNode, segmentId, source, key, volume
+        return segmentationNode, segmentId, source, key, self._volume
 
     def _previousMask(self, axis, index):
         from SemiSAMSegmentLib import mrml
@@ -356,7 +360,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._interaction is None or not self._interaction.undo_prompt():
             return False
         if self._interaction.has_prompts:
-            self._submitPredict(self._volumeKey, None)
+            self._submitPredict(self._volumeKey, self._volume)
         else:
             self._clearPreview()
         return True
@@ -372,7 +376,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return refiner.predict(**request)
 
         self._start(self._ensureWorker().submit(job, key="predict"), ("slice", request["axis"], request["index"]))
-        self.statusLabel.text = "Thinking..." if volume is None else "Embedding this slice (once), then predicting..."
+        self.statusLabel.text = "Predicting (a slice seen for the first time is embedded first, once)..."
 
     # -------------------------------------------------------------- propagation
 
