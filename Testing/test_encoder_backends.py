@@ -175,6 +175,9 @@ def test_training_follows_encoder_backend(tmp_path, slices):
     shared, own = build_teachers(cfg, encoder, net, cache, torch.device("cpu"))
     assert shared.encoder is encoder
     assert own.encoder.input_size == 128 and own.encoder.cache_id.endswith(":fast-openvino-fp32")
-    cfg.encoder.compile = True  # compiling is torch's: the runtime is not used (nothing is compiled until a call)
+    cfg.encoder.compile = True  # compiling is torch's: with auto the runtime is not used (nothing is compiled until a call)
+    with pytest.raises(BackendError, match="choose backend torch or auto"):
+        build_encoder(cfg, torch.device("cpu"))  # a named runtime: refused
+    cfg.encoder.backend = "auto"
     compiled, _ = build_encoder(cfg, torch.device("cpu"))
     assert "openvino" not in compiled.cache_id and compiled.cache_id.endswith(":fast-fp32")

@@ -68,16 +68,21 @@ def test_a_newer_job_with_the_same_key_supersedes_a_queued_one():
         worker.shutdown()
 
 
+def _until_cancelled(cancel: threading.Event, step: float) -> str:
+    """A long job's loop: "stopped" once ``cancel`` is set, "finished" after 1000 steps."""
+    for _ in range(1000):
+        if cancel.is_set():
+            return "stopped"
+        time.sleep(step)
+    return "finished"
+
+
 def test_cancel_stops_the_running_job_and_drops_the_queue():
     started = threading.Event()
 
     def long_job(model, cancel):
         started.set()
-        for _ in range(1000):
-            if cancel.is_set():
-                return "stopped"
-            time.sleep(0.01)
-        return "finished"
+        return _until_cancelled(cancel, 0.01)
 
     worker = ModelWorker(lambda: None)
     try:
@@ -120,11 +125,7 @@ def test_idle_jobs_run_last_and_any_job_cancels_them():
     def prefetch(model, cancel, name):
         order.append(name)
         started.set()
-        for _ in range(1000):
-            if cancel.is_set():
-                return "stopped"
-            time.sleep(0.005)
-        return "finished"
+        return _until_cancelled(cancel, 0.005)
 
     worker = ModelWorker(lambda: None)
     try:

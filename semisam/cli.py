@@ -100,10 +100,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     cache = EmbeddingCache(args.cache_dir) if args.cache_dir else EmbeddingCache()
     if args.compile and args.backend in ("openvino", "onnxruntime"):
         raise ValueError(f"--compile compiles the torch backend; drop it or use --backend torch (not {args.backend})")
-    backend = "torch" if args.compile else args.backend
-    # auto falls back to torch with one warning line if the runtime cannot load; a named runtime is an error
-    fallback = (lambda m: print(f"warning: {m}", file=sys.stderr)) if backend == "auto" else None
-    segmenter = Segmenter(args.checkpoint, args.device, args.encoder_checkpoint, args.compile, cache, backend=backend, fallback=fallback)
+    # auto falls back to torch with one warning line if the runtime cannot load (with --compile it is torch);
+    # a named runtime is an error
+    fallback = (lambda m: print(f"warning: {m}", file=sys.stderr)) if args.backend == "auto" else None
+    segmenter = Segmenter(args.checkpoint, args.device, args.encoder_checkpoint, args.compile, cache, backend=args.backend, fallback=fallback)
     volume = read_volume(args.input)
     result = segmenter.segment(volume, uncertainty=bool(args.uncertainty), largest_component=args.largest_component)
     write_volume(result.label, args.output)

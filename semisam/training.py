@@ -173,8 +173,7 @@ def _accelerate(cfg: TrainConfig, base: SliceEncoder, model_cache: Optional[Path
     from .models.backends import accelerated_encoder
 
     e = cfg.encoder
-    backend = "torch" if e.compile else e.backend
-    return accelerated_encoder(base, backend, precision=e.precision, compile=e.compile, batch_size=e.batch_size, root=model_cache)
+    return accelerated_encoder(base, e.backend, precision=e.precision, compile=e.compile, batch_size=e.batch_size, root=model_cache)
 
 
 def build_encoder(cfg: TrainConfig, device: torch.device, model_cache: Optional[Path] = None):

@@ -346,13 +346,16 @@ def accelerated_encoder(encoder: SliceEncoder, backend: str = "auto", precision:
 
     ``backend``: ``auto`` (:func:`resolve`), ``torch`` (:func:`fast_encoder`, with ``compile``,
     ``precision`` and ``batch_size``), ``openvino`` or ``onnxruntime`` (:func:`runtime_encoder`).
+    ``compile`` means torch: with ``auto`` it picks torch, with a named runtime it is an error.
 
     ``fallback``: when given, a runtime that is missing or fails to export or load is replaced
     by the torch path and ``fallback`` receives one sentence saying so; without it such a
     failure raises :class:`BackendError` (``auto`` falls back to torch silently only when no
     runtime is installed).
     """
-    name = resolve(backend, encoder.device)
+    if compile and backend in PACKAGES:
+        raise BackendError(f"compile is torch.compile of the torch backend; choose backend torch or auto, not {backend}")
+    name = "torch" if compile else resolve(backend, encoder.device)  # compiling means torch
     if name == "torch":
         return fast_encoder(encoder, precision=precision, compile=compile, batch_size=batch_size)
     try:
