@@ -185,7 +185,10 @@ def run_unet(cfg: TrainConfig, tests: List[TestCase], seconds: float) -> Dict[st
     from semisam.training import dice_hd95
 
     spec = load_dataset(cfg.dataset)
-    pre = spec.preprocess_config(target_spacing=cfg.preprocess.target_spacing, target_shape=cfg.preprocess.target_shape, crop=cfg.preprocess.crop)
+    # The U-Net baseline trains and segments on one fixed grid (target_shape around the field of
+    # view): a whole-field-of-view setting falls back to that crop for it.
+    crop = "fov" if cfg.preprocess.crop == "whole" else cfg.preprocess.crop
+    pre = spec.preprocess_config(target_spacing=cfg.preprocess.target_spacing, target_shape=cfg.preprocess.target_shape, crop=crop)
     train = [preprocessed_pair(read_volume(c.image, "image"), read_volume(c.label, "label"), pre) for c in spec.labeled]
     val = [preprocessed_pair(read_volume(c.image, "image"), read_volume(c.label, "label"), pre) for c in spec.validation]
     t0 = time.time()

@@ -111,6 +111,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         write_volume(result.uncertainty, args.uncertainty)
     voxels = int((result.label.array > 0).sum())
     ml = voxels * float(__import__("numpy").prod(volume.spacing)) / 1000.0
+    cfg = segmenter.preprocess_config
+    print(f"whole field of view: grid {result.grid} (z, y, x) at {cfg.target_spacing} mm (x, y, z), "
+          f"{result.tiles} in-plane tile(s) of {tuple(cfg.target_shape[1:])} per slice")
     print(f"wrote {args.output}: {voxels} foreground voxels ({ml:.2f} ml) on the input grid {volume.shape}; {time.time() - t0:.1f} s")
     return 0
 

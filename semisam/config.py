@@ -36,8 +36,9 @@ class ConfigError(SemiSAMError):
 @dataclass
 class PreprocessSection:
     target_spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)  # voxel size of the training grid, mm, (x, y, z)
-    target_shape: Tuple[int, int, int] = (64, 128, 128)  # training grid (z, y, x); z = slices the encoder sees (the main cost)
-    crop: str = "fov"  # "fov": centre the grid on the ultrasound field of view; "center": on the volume
+    target_shape: Tuple[int, int, int] = (64, 128, 128)  # (z, y, x): in-plane tile the student decodes (y, x) and the least grid depth (z); with crop fov/center the whole training grid
+    crop: str = "whole"  # "whole": the grid covers each volume's whole field of view, tiled in-plane by target_shape[1:]; "fov": crop to target_shape around the ultrasound field of view; "center": around the volume's centre
+    tile_overlap: float = 0.25  # fraction of a tile shared with its neighbour when a grid is wider than one tile (training and inference)
 
 
 @dataclass
@@ -291,7 +292,8 @@ def _check(cfg: TrainConfig, problems: List[str]) -> None:
     p = cfg.preprocess
     need(all(s > 0 for s in p.target_spacing), "preprocess.target_spacing", "must be positive", list(p.target_spacing))
     need(all(n >= 1 for n in p.target_shape), "preprocess.target_shape", "sizes must be >= 1", list(p.target_shape))
-    need(p.crop in ("fov", "center"), "preprocess.crop", "must be 'fov' or 'center'", p.crop)
+    need(p.crop in ("whole", "fov", "center"), "preprocess.crop", "must be 'whole', 'fov' or 'center'", p.crop)
+    need(0.0 <= p.tile_overlap < 0.9, "preprocess.tile_overlap", "must lie in [0, 0.9)", p.tile_overlap)
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "must be auto, cpu, cuda or cuda:N", cfg.device)
     encoders = ("litemedsam", "medsam-vit-b", "sam-vit-b")
     need(cfg.encoder.name in encoders, "encoder.name", f"must be one of {', '.join(encoders)}", cfg.encoder.name)

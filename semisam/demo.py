@@ -63,6 +63,7 @@ def demo_config(dataset: Path, output: Path, cache_dir: Path, seed: int = 0, sch
     if schedule == "tiny":
         cfg.preprocess.target_spacing = (1.5, 1.5, 4.0)
         cfg.preprocess.target_shape = (8, 32, 32)
+        cfg.preprocess.crop = "fov"  # tests: one 8 x 32 x 32 grid per case (a whole field of view is 2-4 tiles and 3x the slices)
         cfg.student.channels = (16, 8)
         cfg.student.block_depth = 4
         cfg.phases.warmup.epochs, cfg.phases.semi.epochs, cfg.phases.finetune.epochs = 2, 2, 1

@@ -6,9 +6,9 @@ Every output is written on the input's grid (shape, spacing, origin, direction).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from .errors import Cancelled, SemiSAMError
 from .models.encoders import EmbeddingCache, SliceEncoder
 from .models.student import SlicingSAM3D
-from .preprocess import PreprocessConfig, invert, preprocess
+from .preprocess import PreprocessConfig, PreprocessRecord, invert, preprocess
 from .volume import Volume
 
 
@@ -27,11 +27,82 @@ class Segmentation:
     label: Volume
     probability: Volume
     uncertainty: Optional[Volume] = None
+    grid: Optional[Tuple[int, int, int]] = None  # the preprocessed grid (z, y, x) the student decoded
+    tiles: int = 1  # in-plane tiles per slice of that grid
 
 
 def _foreground(probs: torch.Tensor) -> torch.Tensor:
     """(K', D, H, W) -> foreground probability (D, H, W)."""
     return probs[0] if probs.shape[0] == 1 else 1.0 - probs[0]
+
+
+def whole_fov(config: PreprocessConfig) -> PreprocessConfig:
+    """The inference grid of a student trained with ``config``: the same spacing, grown to cover
+    the input's whole field of view (``crop="whole"``), tiled in-plane by the trained tile
+    ``config.target_shape[1:]``."""
+    return replace(config, crop="whole")
+
+
+def _check_student(student: SlicingSAM3D, encoder: SliceEncoder) -> None:
+    if student.config.encoder != encoder.name:
+        raise ValueError(f"the student was trained on '{student.config.encoder}' embeddings, not '{encoder.name}'")
+    if student.config.encoder_id and student.config.encoder_id != encoder.weights_id:
+        raise ValueError(
+            f"the student was trained on embeddings of other '{encoder.name}' weights "
+            f"({student.config.encoder_id}, given {encoder.weights_id}); pass the encoder checkpoint it was trained with"
+        )
+
+
+def tiled_probabilities(
+    image: np.ndarray,
+    student: SlicingSAM3D,
+    encoder: SliceEncoder,
+    cache: EmbeddingCache,
+    tile_hw: Tuple[int, int],
+    overlap: float,
+    device: str = "cpu",
+    flips: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+    chunk: int = 8,
+) -> torch.Tensor:
+    """Student probabilities ``(V, K', D, H, W)`` on a preprocessed grid ``image`` (D, H, W):
+    each in-plane tile (:func:`semisam.tiling.tiles`) is embedded (cached, ``chunk`` slices at a
+    time: ``progress(done, total)`` counts slice-tiles, ``cancel()`` is polled between chunks),
+    decoded blockwise over depth and blended. V = 1, or 4 with ``flips`` (the plain view, then
+    depth, rows and columns flipped and flipped back)."""
+    from .tiling import blend, tile_stack, tiles
+
+    lattice = tiles(image.shape[1:], tile_hw, overlap)
+    depth = int(image.shape[0])
+    total = depth * len(lattice)
+    done = [0]
+
+    def compute(tile) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            stack = tile_stack(image, tile)
+            for start in range(0, depth, chunk):  # embed chunk by chunk: progress and a chance to cancel
+                if cancel is not None and cancel():
+                    raise Cancelled("segmentation cancelled")
+                cache.embed(stack, encoder, slices=range(start, min(depth, start + chunk)))
+                done[0] += min(depth, start + chunk) - start
+                if progress is not None:
+                    progress(done[0], total)
+            emb = cache.embed(stack, encoder).float().permute(1, 0, 2, 3)  # (C, D, G, G)
+            size = stack.shape[1:]
+            img = torch.from_numpy(stack) if student.uses_image else None
+            views = [student.infer(emb, size, device, img)]
+            if flips:
+                for dims in ((1,), (2,), (3,)):  # depth, rows, columns of (C, D, G, G) and of (K', D, H, W)
+                    flipped = None if img is None else torch.flip(img, (dims[0] - 1,))  # the same axis of (D, H, W)
+                    views.append(torch.flip(student.infer(torch.flip(emb, dims), size, device, flipped), dims))
+            return torch.cat(views)  # (V * K', D, h, w)
+        return run
+
+    out = blend(image.shape, [(t, compute(t)) for t in lattice], cancel)
+    if cancel is not None and cancel():
+        raise Cancelled("segmentation cancelled")
+    return out.reshape(4 if flips else 1, -1, *out.shape[1:])
 
 
 def segment_volume(
@@ -45,8 +116,16 @@ def segment_volume(
     largest_component: bool = False,
     tta: bool = False,
     threshold: float = 0.5,
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+    preprocessed: Optional[Tuple[Volume, PreprocessRecord]] = None,
 ) -> Segmentation:
-    """One-click segmentation of ``volume``.
+    """One-click segmentation of ``volume`` over its whole field of view.
+
+    The volume is resampled to the student's spacing on a grid that covers its whole field of
+    view (:func:`whole_fov`), cut into the in-plane tiles the student was trained on
+    (``preprocess_config.target_shape[1:]``, overlapping by ``tile_overlap``), and the tiles'
+    probabilities are blended (:func:`tiled_probabilities`). Nothing is cropped.
 
     Args:
         uncertainty: also return the per-voxel variance of the foreground probability over
@@ -58,29 +137,18 @@ def segment_volume(
             decoder was trained with these flips of its embeddings). Four decoder passes.
         threshold: foreground probability threshold for one structure (students trained with
             ``validation.calibrate_threshold`` record theirs: :func:`recorded_threshold`).
+        progress, cancel: see :func:`tiled_probabilities`.
+        preprocessed: ``preprocess(volume, whole_fov(preprocess_config))`` when the caller has it.
     """
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-    if student.config.encoder != encoder.name:
-        raise ValueError(f"the student was trained on '{student.config.encoder}' embeddings, not '{encoder.name}'")
-    if student.config.encoder_id and student.config.encoder_id != encoder.weights_id:
-        raise ValueError(
-            f"the student was trained on embeddings of other '{encoder.name}' weights "
-            f"({student.config.encoder_id}, given {encoder.weights_id}); pass the encoder checkpoint it was trained with"
-        )
+    _check_student(student, encoder)
     cache = cache or EmbeddingCache()
-    pre, record = preprocess(volume, preprocess_config or PreprocessConfig())
-    emb = cache.embed(pre.array, encoder).float().permute(1, 0, 2, 3)  # (C, D, G, G)
-    size = pre.shape[1:]
-    image = torch.from_numpy(np.ascontiguousarray(pre.array, dtype=np.float32)) if student.uses_image else None
-    probs = student.infer(emb, size, device, image)
-    views = [probs]
-    if tta or uncertainty:
-        for dims in ((1,), (2,), (3,)):  # depth, rows, columns of (C, D, G, G) and of (K', D, H, W)
-            flipped = None if image is None else torch.flip(image, (dims[0] - 1,))  # the same axis of (D, H, W)
-            views.append(torch.flip(student.infer(torch.flip(emb, dims), size, device, flipped), dims))
-    if tta:
-        probs = torch.stack(views).mean(dim=0)
+    config = preprocess_config or PreprocessConfig()
+    pre, record = preprocessed or preprocess(volume, whole_fov(config))
+    views = tiled_probabilities(pre.array, student, encoder, cache, config.target_shape[1:], config.tile_overlap, device,
+                                flips=tta or uncertainty, progress=progress, cancel=cancel)
+    probs = views.mean(dim=0) if tta else views[0]
     # Probabilities go back to the input grid (linear) and are thresholded there: smoother
     # boundaries than resampling a label map with nearest neighbours (worth +0.005..0.08 Dice
     # on phantoms whose elevation spacing is finer than the training grid's).
@@ -92,11 +160,37 @@ def segment_volume(
         label = np.stack([c.array for c in channels]).argmax(0).astype(np.uint8)
     if largest_component:
         label = keep_largest_component(label)
-    result = Segmentation(label=fg.with_array(label), probability=fg)
+    result = Segmentation(label=fg.with_array(label), probability=fg, grid=tuple(int(n) for n in pre.shape),
+                          tiles=len(tiles_of(pre.shape, config)))
     if uncertainty:
         var = torch.stack([_foreground(v) for v in views]).var(dim=0, unbiased=False)
         result.uncertainty = invert(record, var.numpy().astype(np.float32), "probability")
     return result
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available now (Linux ``MemAvailable``; else the physical memory from
+    ``os.sysconf``), or None where neither can be read."""
+    import os
+
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def tiles_of(grid_shape: Tuple[int, ...], config: PreprocessConfig) -> list:
+    """The in-plane tiles of a preprocessed grid for a student trained with ``config``."""
+    from .tiling import tiles
+
+    return tiles(grid_shape[1:], config.target_shape[1:], config.tile_overlap)
 
 
 def recorded_threshold(extra: Dict[str, Any]) -> float:
@@ -192,34 +286,63 @@ class Segmenter:
             names.setdefault(k, f"structure {k}")
         return names
 
-    def crop_warning(self, volume: Volume) -> Optional[str]:
-        """A sentence when the input is larger than the crop the model sees, else None."""
-        config = self.preprocess_config
-        extent = [n * sp for n, sp in zip(volume.size_xyz, volume.spacing)]
-        crop = [n * sp for n, sp in zip(config.target_shape[::-1], config.target_spacing)]
-        if any(e > c + 1e-6 for e, c in zip(extent, crop)) and volume.shape[0] > 1:
-            return (f"the input spans {' x '.join(f'{e:.0f}' for e in extent)} mm but the model sees a "
-                    f"{' x '.join(f'{c:.0f}' for c in crop)} mm crop around the field of view; outside it the output is background")
-        return None
+    def plan(self, volume: Volume) -> Tuple[Tuple[int, int, int], int]:
+        """(preprocessed grid (z, y, x), in-plane tiles) a ``segment(volume)`` would decode,
+        without reading more than the volume's field of view."""
+        from .preprocess import _target_grid
+
+        grid, _ = _target_grid(volume, whole_fov(self.preprocess_config))
+        return tuple(grid.shape), len(tiles_of(grid.shape, self.preprocess_config))
+
+    def memory_estimate(self, volume: Volume, uncertainty: bool = False, tta: bool = False) -> Dict[str, Any]:
+        """Peak memory (bytes) a ``segment(volume)`` needs, estimated before reading anything more:
+        the input and its resampled copies, the grid, every tile's embeddings held by the cache
+        (up to its limit), one tile's decoder pass and the blended probabilities."""
+        grid, n_tiles = self.plan(volume)
+        d, h, w = grid
+        th, tw = (min(a, b) for a, b in zip(self.preprocess_config.target_shape[1:], (h, w)))
+        g = self.student.config.encoder_input_size or 256
+        g = g // 4 if self.student.config.encoder == "litemedsam" else 64
+        c = self.student.config.embed_dim
+        k = self.student.config.out_channels
+        views = 4 if (uncertainty or tta) else 1
+        n_in = int(np.prod(volume.shape))
+        n_grid = d * h * w
+        embeddings = min(d * n_tiles * c * g * g * 2, self.cache.max_memory_bytes)
+        parts = {
+            "input": 6 * n_in * 4,  # the volume, its normalised copy, SimpleITK's, the probabilities and label back on it
+            "grid": 3 * n_grid * 4,
+            "embeddings": embeddings + d * c * g * g * 4,  # the cache's fp16 tiles + one tile in float32
+            "decoder": views * k * d * th * tw * 4 * 4 + self.student.config.block_depth * max(self.student.config.channels) * th * tw * 4 * 8,
+            "probabilities": (views * k + 1) * n_grid * 4,
+        }
+        return {"bytes": int(sum(parts.values())), "parts": parts, "grid": grid, "tiles": n_tiles}
+
+    def check_memory(self, volume: Volume, uncertainty: bool = False, tta: bool = False) -> None:
+        """Refuse, before any work, a volume whose whole field of view would not fit in the
+        memory available now (the estimate, the grid and what to change are in the message)."""
+        available = available_memory()
+        if available is None:
+            return
+        est = self.memory_estimate(volume, uncertainty, tta)
+        if est["bytes"] > available:
+            gb = 1 << 30
+            raise SemiSAMError(
+                f"segmenting this volume whole needs about {est['bytes'] / gb:.1f} GB (input {list(volume.shape)}, grid {list(est['grid'])} "
+                f"(z, y, x) at {self.preprocess_config.target_spacing} mm in {est['tiles']} tile(s) per slice) but {available / gb:.1f} GB "
+                f"are available. Free memory, crop the volume to the region of interest, or use a student trained at a coarser "
+                f"preprocess.target_spacing; nothing was written")
 
     def segment(self, volume: Volume, uncertainty: bool = False, largest_component: Optional[bool] = None, tta: bool = False,
                 progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None,
                 chunk: int = 8) -> Segmentation:
-        """Segment ``volume`` (outputs on its grid). ``progress(done, total)`` counts encoded
-        slices; ``cancel()`` is polled between chunks of slices and raises :class:`Cancelled`."""
-        warning = self.crop_warning(volume)
-        if warning:
-            self.warn(warning)
-        pre, _ = preprocess(volume, self.preprocess_config)
-        depth = pre.shape[0]
-        for start in range(0, depth, chunk):  # embed chunk by chunk: progress and a chance to cancel
-            if cancel is not None and cancel():
-                raise Cancelled("segmentation cancelled")
-            self.cache.embed(pre.array, self.encoder, slices=range(start, min(depth, start + chunk)))
-            if progress is not None:
-                progress(min(depth, start + chunk), depth)
+        """Segment ``volume`` over its whole field of view (outputs on its grid).
+        ``progress(done, total)`` counts encoded slice-tiles; ``cancel()`` is polled between
+        chunks of slices and raises :class:`Cancelled`."""
+        self.check_memory(volume, uncertainty, tta)
         if cancel is not None and cancel():
             raise Cancelled("segmentation cancelled")
         largest = self.largest_component if largest_component is None else largest_component
         return segment_volume(volume, self.student, self.encoder, self.preprocess_config, self.cache, uncertainty=uncertainty,
-                              device=self.device, largest_component=largest, tta=tta, threshold=self.threshold)
+                              device=self.device, largest_component=largest, tta=tta, threshold=self.threshold,
+                              progress=progress, cancel=cancel)

@@ -39,7 +39,13 @@ class PreprocessConfig:
         beam_axis: numpy axis (0 = z, 1 = y, 2 = x) along which RF lines run (depth).
         dynamic_range_db: log-compression range for the envelope.
         percentiles: intensities at these percentiles map to 0 and 1 (clipped outside).
-        crop: ``"fov"`` centres the crop on the non-zero field of view, ``"center"`` on the grid.
+        crop: ``"whole"`` makes the grid cover the whole field of view (the bounding box of the
+            non-zero voxels, else the whole volume), at least ``target_shape`` in each axis and
+            centred on it: nothing is cropped, and ``target_shape[1:]`` is the in-plane tile a
+            student decodes (:mod:`semisam.tiling`). ``"fov"`` crops/pads to exactly
+            ``target_shape`` centred on the field of view, ``"center"`` centred on the volume.
+        tile_overlap: fraction of a tile shared with its neighbour when a grid is wider than
+            one tile (:func:`semisam.tiling.tile_starts`).
     """
 
     target_spacing: Tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -49,6 +55,7 @@ class PreprocessConfig:
     dynamic_range_db: float = 60.0
     percentiles: Tuple[float, float] = (0.5, 99.5)
     crop: str = "fov"
+    tile_overlap: float = 0.25
 
     def __post_init__(self) -> None:
         self.target_spacing = tuple(float(s) for s in self.target_spacing)  # type: ignore[assignment]
@@ -65,8 +72,11 @@ class PreprocessConfig:
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
-        if self.crop not in ("fov", "center"):
-            raise ValueError(f"crop must be 'fov' or 'center', got {self.crop!r}")
+        if self.crop not in ("whole", "fov", "center"):
+            raise ValueError(f"crop must be 'whole', 'fov' or 'center', got {self.crop!r}")
+        self.tile_overlap = float(self.tile_overlap)
+        if not 0.0 <= self.tile_overlap < 0.9:
+            raise ValueError(f"tile_overlap must lie in [0, 0.9), got {self.tile_overlap}")
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -166,7 +176,8 @@ def normalise(array: np.ndarray, percentiles: Tuple[float, float] = (0.5, 99.5))
 
 
 def _target_grid(volume: Volume, config: PreprocessConfig) -> Tuple[Grid, Tuple[int, int, int]]:
-    """The output grid: the input's axes, target spacing, cropped/padded to the target shape."""
+    """The output grid: the input's axes, target spacing, cropped/padded to the target shape
+    (``crop="whole"``: grown to cover the whole field of view)."""
     spacing_in = np.asarray(volume.spacing)  # x, y, z
     size_in = np.asarray(volume.size_xyz, dtype=np.float64)
     spacing_out = np.asarray(config.target_spacing, dtype=np.float64)
@@ -178,13 +189,13 @@ def _target_grid(volume: Volume, config: PreprocessConfig) -> Tuple[Grid, Tuple[
     # it is padding).
     lattice_origin_idx = (-0.5 * spacing_in + 0.5 * spacing_out) / spacing_in  # in input index units
     # Crop centre (input continuous index, x y z): the field of view or the grid centre.
-    if config.crop == "fov" and np.any(volume.array != 0):
-        nz = np.nonzero(volume.array)
-        lo = np.array([nz[2].min(), nz[1].min(), nz[0].min()], dtype=np.float64)
-        hi = np.array([nz[2].max(), nz[1].max(), nz[0].max()], dtype=np.float64)
-        centre_in = (lo + hi) / 2.0
-    else:
-        centre_in = (size_in - 1) / 2.0
+    lo, hi = np.zeros(3), size_in - 1
+    if config.crop in ("fov", "whole"):
+        lo, hi = _fov_box(volume.array, lo, hi)
+    centre_in = (lo + hi) / 2.0 if config.crop != "center" else (size_in - 1) / 2.0
+    if config.crop == "whole":  # every voxel of the field of view lands on the grid
+        need = np.ceil((hi - lo + 1) * spacing_in / spacing_out - 1e-6).astype(int)
+        shape_out = np.maximum(shape_out, need)
     # Same centre on the lattice (in lattice voxel units), then the integer crop start.
     centre_lattice = (centre_in - lattice_origin_idx) * spacing_in / spacing_out
     start = np.round(centre_lattice - (shape_out - 1) / 2.0).astype(int)
@@ -199,6 +210,15 @@ def _target_grid(volume: Volume, config: PreprocessConfig) -> Tuple[Grid, Tuple[
         tuple(volume.direction.ravel()),
     )
     return grid, tuple(int(s) for s in start[::-1])
+
+
+def _fov_box(array: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Bounding box (x, y, z input indices, inclusive) of the non-zero voxels (an ultrasound
+    sector's field of view), else (``lo``, ``hi``) for an image without zeros or all zeros."""
+    if not np.any(array != 0):
+        return lo, hi
+    hits = [np.flatnonzero(np.any(array != 0, axis=tuple(a for a in range(3) if a != axis))) for axis in (2, 1, 0)]
+    return np.array([h[0] for h in hits], dtype=np.float64), np.array([h[-1] for h in hits], dtype=np.float64)
 
 
 def resample_to_grid(volume: Volume, grid: Grid, interpolation: str = "linear", default: float = 0.0) -> np.ndarray:

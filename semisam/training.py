@@ -38,7 +38,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -48,7 +48,7 @@ import torch
 from .config import TrainConfig, check_input_size, write_config
 from .data import Case, DatasetSpec, MixedBatchSampler, load_dataset, validate_dataset
 from .ema import EMATeacher
-from .inference import keep_largest_component
+from .inference import keep_largest_component, whole_fov
 from .errors import SemiSAMError
 from .losses import SupervisedLoss, consistency_loss, consistency_weight, pseudo_label_loss, pseudo_weight
 from .models.encoders import EmbeddingCache, SliceEncoder
@@ -57,6 +57,7 @@ from .preprocess import PreprocessConfig, apply_to_label, preprocess
 from .progress import MetricsLog, Progress, plot_curves
 from .pseudo_labels import grow_mask, growth_candidates
 from .runlock import RunLock
+from .tiling import Tile, blend, tile_stack, tiles
 from .volume import read_volume
 
 STATE_VERSION = 1
@@ -127,7 +128,11 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Item:
-    """One preprocessed case with its slice embeddings."""
+    """One preprocessed case with the slice embeddings of each of its in-plane tiles.
+
+    A grid no wider than one tile (``preprocess.crop: fov``/``center``, or a small field of
+    view) has one tile covering it; a whole field of view wider than the student's tile is cut
+    into the overlapping tiles of :func:`semisam.tiling.tiles`, each embedded on its own."""
 
     id: str
     role: str  # "labeled" | "unlabeled" | "validation"
@@ -135,7 +140,24 @@ class Item:
     spacing: Tuple[float, float, float]  # (x, y, z) mm of the training grid
     label: Optional[np.ndarray] = None  # (z, y, x) uint8
     reference: Optional[np.ndarray] = None  # true label of an unlabeled case (evaluation only)
-    emb: Optional[torch.Tensor] = None  # (z, C, G, G) float16
+    emb: Optional[torch.Tensor] = None  # (z, C, G, G) float16 of the first tile (the only one of a one-tile grid)
+    tiles: List[Tile] = field(default_factory=list)  # in-plane tiles; empty = one tile covering the grid
+    embs: List[torch.Tensor] = field(default_factory=list)  # per tile (z, C, G, G) float16; embs[0] is emb
+
+    def tile_list(self) -> List[Tile]:
+        return self.tiles or [Tile(0, 0, int(self.image.shape[1]), int(self.image.shape[2]))]
+
+    def tile_embs(self) -> List[torch.Tensor]:
+        return self.embs or ([self.emb] if self.emb is not None else [])
+
+    def tile_view(self, t: int) -> "Item":
+        """This case restricted to its tile ``t``: image, label and embeddings of that window."""
+        tiles = self.tile_list()
+        if len(tiles) == 1:
+            return self
+        win = (slice(None), *tiles[t].window)
+        return Item(self.id, self.role, self.image[win], self.spacing, None if self.label is None else self.label[win],
+                    None if self.reference is None else self.reference[win], self.tile_embs()[t])
 
 
 def split_validation(spec: DatasetSpec, fraction: float, seed: int) -> Tuple[List[Case], List[Case]]:
@@ -428,14 +450,18 @@ class Trainer:
             raise SemiSAMError(f"dataset {cfg.dataset} is not usable: " + "; ".join(str(p) for p in errors[:5]) + (" ..." if len(errors) > 5 else "") + " (run `semisam validate` for the full list)")
         self.spec = spec
         p = cfg.preprocess
-        self.pre_config = spec.preprocess_config(target_spacing=p.target_spacing, target_shape=p.target_shape, crop=p.crop)
+        self.pre_config = spec.preprocess_config(target_spacing=p.target_spacing, target_shape=p.target_shape, crop=p.crop,
+                                                 tile_overlap=p.tile_overlap)
         train, val = split_validation(spec, cfg.data.validation, cfg.seed)
         labels = spec.labels or {0: "background", 1: "target"}
         self.num_labels = max(labels) if spec.labels else None
         t0 = time.time()
         self.labeled = [load_item(c, "labeled", self.pre_config) for c in train]
         self.unlabeled = [load_item(c, "unlabeled", self.pre_config) for c in spec.unlabeled]
-        self.validation = [load_item(c, "validation", self.pre_config) for c in val]
+        # Validation scores what `semisam segment` would give: the whole field of view, tiled.
+        self.validation = [load_item(c, "validation", whole_fov(self.pre_config)) for c in val]
+        for it in self.labeled + self.unlabeled + self.validation:
+            it.tiles = tiles(it.image.shape[1:], self.pre_config.target_shape[1:], self.pre_config.tile_overlap)
         if self.num_labels is None:  # folder datasets: the highest label value present
             self.num_labels = max(1, max(int(it.label.max()) for it in self.labeled + self.validation))
         self.label_names = {int(k): v for k, v in labels.items()} if spec.labels else {0: "background", **{k: f"structure {k}" for k in range(1, self.num_labels + 1)}}
@@ -443,6 +469,12 @@ class Trainer:
             f"data: {len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled, {len(self.validation)} validation case(s), "
             f"training grid {self.pre_config.target_shape} (z, y, x) at {self.pre_config.target_spacing} mm (x, y, z); {time.time() - t0:.1f} s"
         )
+        if self.pre_config.crop == "whole":
+            items = self.labeled + self.unlabeled + self.validation
+            grids = sorted({tuple(int(n) for n in it.image.shape) for it in items})
+            n_tiles = sum(len(it.tiles) * it.image.shape[0] for it in items)
+            self._log(f"whole fields of view: grids {grids[0]}..{grids[-1]} (z, y, x), cut into in-plane tiles of "
+                      f"{tuple(self.pre_config.target_shape[1:])}: {n_tiles} slice-tiles to embed")
 
     def _embed_all(self) -> None:
         """Embed every case once (each rank a share, written to the shared disk cache)."""
@@ -454,25 +486,30 @@ class Trainer:
         self.encoder, self.litemedsam_net = build_encoder(cfg, self.device, model_cache_dir(cache_dir))
         items = self.labeled + self.unlabeled + self.validation
         t0 = time.time()
+
+        def embed(it: Item) -> None:  # each tile's stack on its own: the keys segment uses too
+            it.embs = [self.cache.embed(tile_stack(it.image, t), self.encoder, batch_size=cfg.encoder.batch_size) for t in it.tile_list()]
+            it.emb = it.embs[0]
+
         for i, it in enumerate(items):
             if i % self.dist.world == self.dist.rank:
-                it.emb = self.cache.embed(it.image, self.encoder, batch_size=cfg.encoder.batch_size)
+                embed(it)
         self.dist.barrier()
         for it in items:
-            if it.emb is None:
-                it.emb = self.cache.embed(it.image, self.encoder, batch_size=cfg.encoder.batch_size)
+            if not it.embs:
+                embed(it)
         encoded = self.cache.encoded_slices
         if encoded:
             self._log(f"embedded {encoded} slices in {time.time() - t0:.1f} s ({(time.time() - t0) / encoded:.2f} s/slice); cached in {cache_dir}")
         else:
-            self._log(f"all {sum(it.image.shape[0] for it in items)} slice embeddings found in the cache {cache_dir}")
+            self._log(f"all {sum(it.image.shape[0] * len(it.tile_list()) for it in items)} slice embeddings found in the cache {cache_dir}")
 
     def _build_student(self) -> None:
         cfg = self.cfg
         s = cfg.student
         torch.manual_seed(cfg.seed)
         scfg = StudentConfig(
-            embed_dim=int(self.labeled[0].emb.shape[1]), channels=tuple(s.channels), num_labels=self.num_labels,
+            embed_dim=int(self.labeled[0].tile_embs()[0].shape[1]), channels=tuple(s.channels), num_labels=self.num_labels,
             block_depth=s.block_depth, block_overlap=s.block_overlap, context=s.context, image_channels=s.image_channels, encoder=self.encoder.name, encoder_id=self.encoder.weights_id,
             encoder_input_size=self.encoder.input_size,
         )
@@ -565,12 +602,20 @@ class Trainer:
         """The coarse label map M_c that prompts the teachers, on a whole volume (blockwise,
         Algorithm 1): from the EMA teacher (the averaged student, the one validation keeps),
         post-processed as validation is (largest component when configured)."""
-        emb = item.emb.float().permute(1, 0, 2, 3)
-        probs = self.ema.model.infer(emb, item.image.shape[1:], self.device, self._image(item))
+        probs = self._infer(self.ema.model, item)
         label = probs_to_label(probs)
         if self.cfg.validation.largest_component:
             label = keep_largest_component(label)
         return label
+
+    def _infer(self, model: SlicingSAM3D, item: Item) -> torch.Tensor:
+        """Probabilities (K', D, H, W) of ``model`` on a whole case: each tile decoded blockwise
+        over depth, the tiles blended (:func:`semisam.tiling.blend`), as ``segment`` does."""
+        def part(t: int):
+            view = item.tile_view(t)
+            return lambda: model.infer(view.emb.float().permute(1, 0, 2, 3), view.image.shape[1:], self.device, self._image(view))
+
+        return blend(item.image.shape, [(tile, part(t)) for t, tile in enumerate(item.tile_list())])
 
     def _image(self, item: Item) -> Optional[torch.Tensor]:
         """The training-grid image for a student with an image branch, else None."""
@@ -743,6 +788,23 @@ class Trainer:
         self._target_cache[item.id] = out
         return out
 
+    def _tile(self, item: Item, rng: np.random.Generator) -> Tuple[Item, Dict[str, torch.Tensor]]:
+        """One in-plane tile of a case with its targets: a third of the draws (nnU-Net's rule)
+        among the tiles holding foreground (a labeled case's label, an unlabeled case's
+        pseudo-label), the rest uniformly. A one-tile case is returned whole."""
+        targets = self._targets(item)
+        lattice = item.tile_list()
+        if len(lattice) == 1:
+            return item, targets
+        fg = self._fg_tiles.get(item.id)
+        if fg is None or fg[0] != targets.get("pseudo_epoch"):
+            mask = targets["label"] > 0 if "label" in targets else (targets["pseudo"] > 0.5).any(0) if "pseudo" in targets else None
+            fg = (targets.get("pseudo_epoch"), [t for t, tile in enumerate(lattice) if mask is not None and bool(mask[(slice(None), *tile.window)].any())])
+            self._fg_tiles[item.id] = fg
+        t = int(rng.choice(fg[1])) if fg[1] and rng.random() < 1.0 / 3.0 else int(rng.integers(len(lattice)))
+        win = (Ellipsis, *lattice[t].window)
+        return item.tile_view(t), {k: (v[win] if isinstance(v, torch.Tensor) else v) for k, v in targets.items()}
+
     def _run_epoch(self, phase: int, epoch: int, global_epoch: int, lr0: float, opt_steps: int, total_opt_steps: int, semi_start: int) -> Tuple[Dict[str, float], int, float, float]:
         cfg = self.cfg
         items = self.labeled + (self.unlabeled if phase > 0 else [])
@@ -751,9 +813,10 @@ class Trainer:
         sampler.set_epoch(global_epoch)
         rng = np.random.default_rng([cfg.seed, global_epoch, self.dist.rank])
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        block = min(cfg.student.block_depth, self.labeled[0].image.shape[0])
-        full_size = tuple(self.labeled[0].image.shape[1:])
-        grid = tuple(int(v) for v in self.labeled[0].emb.shape[-2:])
+        block = min([cfg.student.block_depth] + [it.image.shape[0] for it in items])
+        first = self.labeled[0].tile_view(0)  # every tile has the student's in-plane size
+        full_size = tuple(first.image.shape[1:])
+        grid = tuple(int(v) for v in first.emb.shape[-2:])
         square = full_size[0] == full_size[1] and grid[0] == grid[1]
         accum = cfg.optim.grad_accumulation
         sums: Dict[str, float] = {}
@@ -768,9 +831,9 @@ class Trainer:
             beta = pseudo_weight(t_semi, cfg.loss.beta_max, cfg.loss.ramp_down) if phase > 0 else 0.0
             xs, imgs, labels, pseudo, conf, is_lab, has_pseudo = [], [], [], [], [], [], []
             for idx in batch:
-                it = items[idx]
+                it, targets = self._tile(items[idx], rng)
                 geo = draw_geometry(rng, it.image.shape[0], block, cfg, square, grid, full_size)
-                sample = block_sample(it, self._targets(it), geo, block, self.student.config.num_labels, self.student.uses_image)
+                sample = block_sample(it, targets, geo, block, self.student.config.num_labels, self.student.uses_image)
                 xs.append(sample.x)
                 if sample.image is not None:
                     imgs.append(sample.image)
@@ -860,7 +923,7 @@ class Trainer:
         dices, hds = [], []
         self._val_probs = []
         for it in self.validation:
-            probs = self.ema.model.infer(it.emb.float().permute(1, 0, 2, 3), it.image.shape[1:], self.device, self._image(it))
+            probs = self._infer(self.ema.model, it)
             if self.cfg.validation.calibrate_threshold and probs.shape[0] == 1:
                 self._val_probs.append((probs[0].numpy(), it.label))
             pred = probs_to_label(probs)
@@ -909,6 +972,7 @@ class Trainer:
         self.pseudo: Dict[str, list] = {}
         self._pseudo_version: Dict[str, int] = {}
         self._target_cache: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._fg_tiles: Dict[str, Tuple[Any, List[int]]] = {}  # per case: (pseudo-label version, tiles holding foreground)
         self._seen: List[Tuple[int, List[str]]] = []  # (global epoch, case ids) per batch, this process
         from .pseudo_labels import PseudoLabelStore
 
