@@ -23,6 +23,10 @@ LAYOUT_HELP = """dataset layouts:
   dataset.json:  {"labels": {"0": "background", "1": "target"}, "image_type": "bmode"|"rf",
                   "training": [{"image": ..., "label": ...}], "unlabeled": [{"image": ...}],
                   "validation": [...], "test": [{"image": ..., "label": ...}]}
+  nnU-Net v2 raw: dataset.json {"channel_names": {"0": "US"}, "labels": {"background": 0, "target": 1},
+                  "numTraining": N, "file_ending": ".nii.gz"} + imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz
+                 (+ imagesTs/ [+ labelsTs/]); one channel, integer labels 0..K; unlabeled images: imagesUnlabeled/
+                 or "unlabeled": "FOLDER" (or a list of folders / files) in dataset.json
   formats:       .nii .nii.gz .nrrd .nhdr .mha .mhd .png, or a folder holding a DICOM series
 """
 
@@ -50,6 +54,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .data import load_dataset, validate_dataset
 
     spec = load_dataset(args.dataset)
+    print(f"format: {spec.format_description}")
     problems = validate_dataset(spec, allow_2d=args.allow_2d, num_labels=args.num_labels)
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
