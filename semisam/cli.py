@@ -23,10 +23,11 @@ LAYOUT_HELP = """dataset layouts:
   dataset.json:  {"labels": {"0": "background", "1": "target"}, "image_type": "bmode"|"rf",
                   "training": [{"image": ..., "label": ...}], "unlabeled": [{"image": ...}],
                   "validation": [...], "test": [{"image": ..., "label": ...}]}
-  nnU-Net v2 raw: dataset.json {"channel_names": {"0": "US"}, "labels": {"background": 0, "target": 1},
-                  "numTraining": N, "file_ending": ".nii.gz"} + imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz
-                 (+ imagesTs/ [+ labelsTs/]); one channel, integer labels 0..K; unlabeled images: imagesUnlabeled/
-                 or "unlabeled": "FOLDER" (or a list of folders / files) in dataset.json
+  nnU-Net v2:    raw data set as it is: dataset.json {"channel_names": {"0": "US"}, "numTraining": N,
+                  "labels": {"background": 0, "target": 1}, "file_ending": ".nii.gz"}
+                 + imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz (+ imagesTs/ [+ labelsTs/]: test split);
+                 one channel, integer labels 0..K; unlabeled images: imagesUnlabeled/, or in dataset.json
+                 "unlabeled": "FOLDER" (or a list of folders / image files)
   formats:       .nii .nii.gz .nrrd .nhdr .mha .mhd .png, or a folder holding a DICOM series
 """
 

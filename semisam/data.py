@@ -17,7 +17,24 @@ A dataset is either
        "validation": [{"image": "imagesVal/v.nii.gz", "label": "labelsVal/v.nii.gz"}],  # optional
        "test": [{"image": "imagesTs/t.nii.gz", "label": "labelsTs/t.nii.gz"}]}        # optional
 
-  Paths are relative to the JSON file; ``id`` defaults to the image's case id.
+  Paths are relative to the JSON file; ``id`` defaults to the image's case id. Or
+* an nnU-Net v2 raw data set, read as it is (``DatasetSpec.source == "nnunet-v2"``)::
+
+      dataset.json  {"channel_names": {"0": "US"}, "labels": {"background": 0, "target": 1},
+                     "numTraining": 3, "file_ending": ".nii.gz"}
+      imagesTr/<case>_0000.nii.gz   labelsTr/<case>.nii.gz   imagesTs/<case>_0000.nii.gz
+
+  It is recognised by ``channel_names`` or ``file_ending`` (or a ``dataset`` of cases, or
+  ``labels`` mapping names to values without a ``training`` list). Cases come from
+  ``imagesTr/*_0000<file_ending>`` (or nnU-Net's optional ``"dataset": {case: {"images": [..],
+  "label": ..}}``); ``numTraining`` must match them. One channel only (``_0000``; SemiSAM
+  segments single-channel images); ``channel_names`` are recorded, nothing else. Labels are
+  plain integers 0..K without gaps (no regions, no ``ignore``). ``imagesTs/`` is the test split
+  with ``labelsTs/`` (nnU-Net has no such folder; without it, a warning), ``imagesVal/`` +
+  ``labelsVal/`` validation cases. Unlabeled images: SemiSAM's ``"unlabeled"`` key (a folder,
+  or a list of folders and image files, relative to dataset.json), else ``imagesUnlabeled/``;
+  there any format SemiSAM reads, and with ``_XXXX`` names only ``_0000``. ``image_type`` and
+  ``beam_axis`` work as in SemiSAM's dataset.json.
 """
 
 from __future__ import annotations
