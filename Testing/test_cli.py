@@ -63,10 +63,13 @@ def test_phantom_then_validate(tmp_path, capsys):
     doc = json.loads((out / "dataset.json").read_text())
     assert doc["generator"] == {"seed": 5, "n": 3, "validation": 0, "shape": [16, 20, 20], "rf": False}
     assert main(["validate", str(out)]) == 0
-    assert capsys.readouterr().out.startswith("dataset OK: 1 labeled, 2 unlabeled")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "format: SemiSAM dataset.json (case lists: training, unlabeled, validation, test)"
+    assert lines[1].startswith("dataset OK: 1 labeled, 2 unlabeled")
     # the folder layout validates too (without dataset.json)
     (out / "dataset.json").unlink()
     assert main(["validate", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "format: folder layout (imagesTr/ + labelsTr/, imagesUnlabeled/; no dataset.json)"
 
 
 def test_phantom_refuses_impossible_counts(tmp_path, capsys):

@@ -23,6 +23,11 @@ LAYOUT_HELP = """dataset layouts:
   dataset.json:  {"labels": {"0": "background", "1": "target"}, "image_type": "bmode"|"rf",
                   "training": [{"image": ..., "label": ...}], "unlabeled": [{"image": ...}],
                   "validation": [...], "test": [{"image": ..., "label": ...}]}
+  nnU-Net v2:    raw data set as it is: dataset.json {"channel_names": {"0": "US"}, "numTraining": N,
+                  "labels": {"background": 0, "target": 1}, "file_ending": ".nii.gz"}
+                 + imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz (+ imagesTs/ [+ labelsTs/]: test split);
+                 one channel, integer labels 0..K; unlabeled images: imagesUnlabeled/, or in dataset.json
+                 "unlabeled": "FOLDER" (or a list of folders / image files)
   formats:       .nii .nii.gz .nrrd .nhdr .mha .mhd .png, or a folder holding a DICOM series
 """
 
@@ -50,6 +55,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .data import load_dataset, validate_dataset
 
     spec = load_dataset(args.dataset)
+    print(f"format: {spec.format_description}")
     problems = validate_dataset(spec, allow_2d=args.allow_2d, num_labels=args.num_labels)
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:

@@ -17,7 +17,24 @@ A dataset is either
        "validation": [{"image": "imagesVal/v.nii.gz", "label": "labelsVal/v.nii.gz"}],  # optional
        "test": [{"image": "imagesTs/t.nii.gz", "label": "labelsTs/t.nii.gz"}]}        # optional
 
-  Paths are relative to the JSON file; ``id`` defaults to the image's case id.
+  Paths are relative to the JSON file; ``id`` defaults to the image's case id. Or
+* an nnU-Net v2 raw data set, read as it is (``DatasetSpec.source == "nnunet-v2"``)::
+
+      dataset.json  {"channel_names": {"0": "US"}, "labels": {"background": 0, "target": 1},
+                     "numTraining": 3, "file_ending": ".nii.gz"}
+      imagesTr/<case>_0000.nii.gz   labelsTr/<case>.nii.gz   imagesTs/<case>_0000.nii.gz
+
+  It is recognised by ``channel_names`` or ``file_ending`` (or a ``dataset`` of cases, or
+  ``labels`` mapping names to values without a ``training`` list). Cases come from
+  ``imagesTr/*_0000<file_ending>`` (or nnU-Net's optional ``"dataset": {case: {"images": [..],
+  "label": ..}}``); ``numTraining`` must match them. One channel only (``_0000``; SemiSAM
+  segments single-channel images); ``channel_names`` are recorded, nothing else. Labels are
+  plain integers 0..K without gaps (no regions, no ``ignore``). ``imagesTs/`` is the test split
+  with ``labelsTs/`` (nnU-Net has no such folder; without it, a warning), ``imagesVal/`` +
+  ``labelsVal/`` validation cases. Unlabeled images: SemiSAM's ``"unlabeled"`` key (a folder,
+  or a list of folders and image files, relative to dataset.json), else ``imagesUnlabeled/``;
+  there any format SemiSAM reads, and with ``_XXXX`` names only ``_0000``. ``image_type`` and
+  ``beam_axis`` work as in SemiSAM's dataset.json.
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ from .preprocess import PreprocessConfig
 from .volume import FORMATS, check_not_constant, grid_differences, read_volume, strip_suffix
 
 _CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
+NNUNET_V2 = "nnunet-v2"  # DatasetSpec.source of an nnU-Net v2 raw data set
 
 
 @dataclass
@@ -62,6 +80,21 @@ class DatasetSpec:
     problems: List["Problem"] = field(default_factory=list)  # found while listing
     validation: List[Case] = field(default_factory=list)  # labeled cases kept for validation only
     test: List[Case] = field(default_factory=list)  # labeled test split: never used by training, for benchmarks
+    channel_names: Optional[Dict[str, str]] = None  # nnU-Net v2's channel_names, recorded only (e.g. {"0": "US"})
+    file_ending: Optional[str] = None  # nnU-Net v2's file_ending (".nii.gz")
+
+    @property
+    def format_description(self) -> str:
+        """Which dataset format was recognised, in one line (``semisam validate`` prints it)."""
+        if self.source == NNUNET_V2:
+            keys = []
+            if self.channel_names is not None:
+                keys.append("channel_names " + json.dumps(self.channel_names))
+            keys.append(f"file_ending {self.file_ending}" if self.file_ending else "no usable file_ending")
+            return f"nnU-Net v2 raw (dataset.json with {', '.join(keys)})"
+        if self.source == "json":
+            return "SemiSAM dataset.json (case lists: training, unlabeled, validation, test)"
+        return "folder layout (imagesTr/ + labelsTr/, imagesUnlabeled/; no dataset.json)"
 
     @property
     def num_labels(self) -> Optional[int]:
@@ -158,6 +191,8 @@ def _load_json(path: Path) -> DatasetSpec:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(path, f"is not valid JSON ({exc})") from None
+    if isinstance(doc, dict) and _is_nnunet_v2(doc):
+        return _load_nnunet_v2(path, doc)
     if not isinstance(doc, dict) or not isinstance(doc.get("training", []), list):
         raise InputError(path, "must be a JSON object with a 'training' list")
     root = path.parent
@@ -186,10 +221,20 @@ def _load_json(path: Path) -> DatasetSpec:
         try:
             labels = {int(k): str(v) for k, v in dict(doc["labels"]).items()}
         except (TypeError, ValueError):
-            problems.append(Problem(str(path), "'labels' must map label values (0..K) to names"))
+            hint = ""
+            if isinstance(doc["labels"], dict) and any(_is_label_value(v) for v in doc["labels"].values()):
+                hint = (" (it maps names to values, as nnU-Net v2 does: an nnU-Net v2 dataset.json also has 'channel_names' and "
+                        "'file_ending' and no 'training' list; add those, or write {\"0\": \"background\", \"1\": \"target\"} here)")
+            problems.append(Problem(str(path), "'labels' must map label values (0..K) to names" + hint))
         else:
             if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
                 problems.append(Problem(str(path), f"'labels' must name 0 (background) and 1..K without gaps, got {sorted(labels)}"))
+    image_type, beam_axis = _ultrasound_keys(doc, path, problems)
+    return DatasetSpec(root, labeled, unlabeled, labels, image_type, beam_axis, "json", problems, validation, test)
+
+
+def _ultrasound_keys(doc: Dict[str, Any], path: Path, problems: List[Problem]) -> tuple:
+    """SemiSAM's ``image_type`` ("bmode" | "rf") and ``beam_axis`` (0, 1, 2) of a dataset.json."""
     image_type = str(doc.get("image_type", "bmode")).lower()
     if image_type not in ("bmode", "rf"):
         problems.append(Problem(str(path), f"image_type must be 'bmode' or 'rf', got {image_type!r}"))
@@ -198,7 +243,331 @@ def _load_json(path: Path) -> DatasetSpec:
     if beam_axis not in (0, 1, 2):
         problems.append(Problem(str(path), f"beam_axis must be 0, 1 or 2, got {beam_axis!r}"))
         beam_axis = 1
-    return DatasetSpec(root, labeled, unlabeled, labels, image_type, int(beam_axis), "json", problems, validation, test)
+    return image_type, int(beam_axis)
+
+
+# --------------------------------------------------------------------------------------------
+# nnU-Net v2 raw data sets
+# --------------------------------------------------------------------------------------------
+
+_NNUNET_KEYS = ("channel_names", "file_ending", "dataset")
+_LABELS_EXAMPLE = '{"background": 0, "target": 1}'
+
+
+def _is_label_value(value: Any) -> bool:
+    """An nnU-Net v2 label value: an integer, or a list of integers (a region)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, (list, tuple))
+
+
+def _is_nnunet_v2(doc: Dict[str, Any]) -> bool:
+    """nnU-Net v2's dataset.json: it has ``channel_names``, ``file_ending`` or a ``dataset`` of
+    cases; or, without SemiSAM's ``training`` list, ``labels`` mapping names to values."""
+    if "channel_names" in doc or "file_ending" in doc or isinstance(doc.get("dataset"), dict):
+        return True
+    labels = doc.get("labels")
+    return "training" not in doc and isinstance(labels, dict) and bool(labels) and all(_is_label_value(v) for v in labels.values())
+
+
+def _names(paths: List[Path], n: int = 3) -> str:
+    return ", ".join(p.name for p in paths[:n]) + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
+
+
+def _entries(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def _nnunet_path(root: Path, rel: str) -> Path:
+    """A path of nnU-Net's ``dataset`` entries: environment variables expanded, relative to the data set."""
+    rel = os.path.expandvars(rel)
+    return Path(rel) if os.path.isabs(rel) else root / rel
+
+
+def _guess_file_ending(folder: Path) -> Optional[str]:
+    """The one volume ending of the ``<case>_XXXX`` files in ``folder`` (None: none or several)."""
+    endings = set()
+    for p in _entries(folder):
+        stem = strip_suffix(p)
+        if p.is_file() and stem != p.name and _CHANNEL_SUFFIX.search(stem):
+            endings.add(p.name[len(stem):])
+    return endings.pop() if len(endings) == 1 else None
+
+
+def _nnunet_labels(raw: Any, where: str, problems: List[Problem]) -> Optional[Dict[int, str]]:
+    """nnU-Net v2's ``labels`` (name -> value) as SemiSAM's value -> name; problems recorded."""
+    if not isinstance(raw, dict) or not raw:
+        problems.append(Problem(where, f"'labels' must map structure names to label values, e.g. {_LABELS_EXAMPLE}"))
+        return None
+    regions = [str(name) for name, v in raw.items() if isinstance(v, (list, tuple))]
+    if regions:
+        problems.append(Problem(where, f"'labels' {', '.join(map(repr, regions))}: regions (lists of values, nnU-Net's region-based "
+                                       f"training); SemiSAM needs plain integer labels: give each structure one value, e.g. "
+                                       f"{_LABELS_EXAMPLE}, and write those values into the label maps"))
+        return None
+    if all(isinstance(v, str) and not v.strip().isdigit() for v in raw.values()) and all(str(k).strip().isdigit() for k in raw):
+        swapped = "{" + ", ".join(f"{json.dumps(v)}: {int(k)}" for k, v in raw.items()) + "}"
+        problems.append(Problem(where, f"'labels' maps values to names (the MSD / nnU-Net v1 direction); nnU-Net v2 maps names to "
+                                       f"values: write \"labels\": {swapped}"))
+        return None
+    by_value: Dict[int, str] = {}
+    for name, v in raw.items():
+        value = v if isinstance(v, int) and not isinstance(v, bool) else int(v) if isinstance(v, str) and v.strip().isdigit() else None
+        if value is None or value < 0:
+            problems.append(Problem(where, f"'labels': {name!r} has value {v!r}; label values are whole numbers 0..K, e.g. {_LABELS_EXAMPLE}"))
+            return None
+        if value in by_value:
+            problems.append(Problem(where, f"'labels': {by_value[value]!r} and {name!r} have the same value {value}: give each structure its own value"))
+            return None
+        by_value[value] = str(name)
+    ignore = [v for v, name in by_value.items() if name == "ignore"]
+    if ignore:
+        problems.append(Problem(where, f"'labels' has nnU-Net's 'ignore' label (value {ignore[0]}: voxels left unannotated); SemiSAM "
+                                       "trains on fully labeled cases: give those voxels a structure or 0 (background) and drop "
+                                       "'ignore', or move partly labeled cases to imagesUnlabeled/"))
+        return None
+    values = sorted(by_value)
+    if len(values) < 2 or values != list(range(len(values))):
+        problems.append(Problem(where, f"'labels' values must be 0 (background) and 1..K without gaps, got {values}: "
+                                       + (f"renumber the label maps to 0..{len(values) - 1} and 'labels' to match" if len(values) >= 2
+                                          else f"name the background 0 and at least one structure, e.g. {_LABELS_EXAMPLE}")))
+    return by_value
+
+
+def _other_files(folder: Path, others: List[Path], ending: str, problems: List[Problem]) -> None:
+    """Files in an nnU-Net folder without the data set's file_ending: volumes of another
+    format are an error (nnU-Net reads one format per data set), anything else a warning."""
+    volumes = [p for p in others if p.is_dir() or any(p.name.lower().endswith(s) for s in FORMATS)]
+    rest = [p for p in others if p not in volumes]
+    if volumes:
+        problems.append(Problem(str(folder), f"{len(volumes)} file(s) do not end with file_ending '{ending}' and are not read "
+                                             f"({_names(volumes)}): a data set has one format (nnU-Net's rule); convert them to "
+                                             f"{ending} or remove them"))
+    if rest:
+        problems.append(Problem(str(folder), f"{len(rest)} file(s) that are not {ending} volumes are ignored ({_names(rest)})", "warning"))
+
+
+def _nnunet_folder_cases(root: Path, image_dir: str, label_dir: str, ending: str, problems: List[Problem],
+                         channels_reported: bool) -> List[Case]:
+    """``image_dir/<case>_0000<ending>`` paired with ``label_dir/<case><ending>``."""
+    folder = root / image_dir
+    images: Dict[str, Path] = {}
+    others: List[Path] = []
+    unsuffixed: List[Path] = []
+    extra: Dict[str, List[Path]] = {}
+    for p in _entries(folder):
+        if not (p.is_file() and p.name.endswith(ending)):
+            others.append(p)
+            continue
+        m = re.fullmatch(r"(.+)_(\d{4})", p.name[: -len(ending)])
+        if not m:
+            unsuffixed.append(p)
+        elif m.group(2) == "0000":
+            images[m.group(1)] = p
+        else:
+            extra.setdefault("_" + m.group(2), []).append(p)
+    _other_files(folder, others, ending, problems)
+    if unsuffixed:
+        problems.append(Problem(str(folder), f"{len(unsuffixed)} image(s) without nnU-Net's channel suffix ({_names(unsuffixed)}): "
+                                             f"name them <case>_0000{ending}"))
+    if extra and not channels_reported:
+        files = [p for ps in extra.values() for p in ps]
+        problems.append(Problem(str(folder), f"holds other channels than _0000 ({', '.join(sorted(extra))}: {_names(files)}); SemiSAM "
+                                             f"segments single-channel images: keep the one channel to segment as <case>_0000{ending} "
+                                             f"and move the other channels' files out"))
+    label_folder = root / label_dir
+    if images and not label_folder.is_dir():
+        problems.append(Problem(str(label_folder), f"does not exist: every image in {image_dir}/ needs its label map "
+                                                   f"{label_dir}/<case>{ending}"))
+    labels: Dict[str, Path] = {}
+    label_others: List[Path] = []
+    for p in _entries(label_folder):
+        if p.is_file() and p.name.endswith(ending):
+            labels[p.name[: -len(ending)]] = p
+        else:
+            label_others.append(p)
+    _other_files(label_folder, label_others, ending, problems)
+    cases = []
+    for cid in sorted(images):
+        label = labels.pop(cid, None)
+        if label is None and label_folder.is_dir():
+            problems.append(Problem(str(images[cid]), f"no label for case '{cid}': expected {label_dir}/{cid}{ending}"))
+        cases.append(Case(cid, images[cid], label))
+    for cid, p in labels.items():
+        hint = " (a label map has no channel suffix: rename it)" if _CHANNEL_SUFFIX.search(cid) else ""
+        problems.append(Problem(str(p), f"label without an image: no {image_dir}/{cid}_0000{ending}{hint}"))
+    return cases
+
+
+def _nnunet_listed_cases(entries: Any, root: Path, where: str, problems: List[Problem], channels_reported: bool) -> List[Case]:
+    """nnU-Net v2's optional ``"dataset": {case: {"images": [path], "label": path}}``."""
+    if not isinstance(entries, dict):
+        problems.append(Problem(where, "'dataset' must map case identifiers to {\"images\": [path], \"label\": path}"))
+        return []
+    cases, several = [], []
+    for cid, item in entries.items():
+        images = item.get("images") if isinstance(item, dict) else None
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+            problems.append(Problem(where, f"'dataset' case {cid!r}: needs \"images\": [path] and \"label\": path"))
+            continue
+        if len(images) > 1:
+            several.append(str(cid))
+        label = item.get("label")
+        if not isinstance(label, str):
+            problems.append(Problem(where, f"'dataset' case {cid!r}: no \"label\" given (every nnU-Net training case has one)"))
+        cases.append(Case(str(cid), _nnunet_path(root, images[0]), _nnunet_path(root, label) if isinstance(label, str) else None))
+    if several and not channels_reported:
+        problems.append(Problem(where, f"'dataset' lists several images (channels) for {len(several)} case(s) ({', '.join(several[:3])}); "
+                                       "SemiSAM segments single-channel images: list one image per case"))
+    return cases
+
+
+def _unlabeled_folder(folder: Path, problems: List[Problem], channels_reported: bool) -> List[Case]:
+    """Every volume in ``folder`` (any format SemiSAM reads); when names carry channel suffixes,
+    only the ``_0000`` channel."""
+    entries = _volume_entries(folder)
+    suffixed = any(strip_suffix(p).endswith("_0000") for p in entries)
+    cases, extra = [], []
+    for p in entries:
+        m = _CHANNEL_SUFFIX.search(strip_suffix(p))
+        if suffixed and m and m.group() != "_0000":
+            extra.append(p)
+        else:
+            cases.append(Case(case_id(p), p))
+    if extra and not channels_reported:
+        problems.append(Problem(str(folder), f"holds other channels than _0000 ({_names(extra)}); SemiSAM segments single-channel "
+                                             "images: keep one channel per case and move the other files out"))
+    return cases
+
+
+def _nnunet_unlabeled(doc: Dict[str, Any], root: Path, where: str, problems: List[Problem], channels_reported: bool) -> List[Case]:
+    """Unlabeled images: dataset.json's ``"unlabeled"`` (a folder or a list of folders / image
+    files, relative to it; SemiSAM's key, nnU-Net ignores it), else ``imagesUnlabeled/``."""
+    plain = root / "imagesUnlabeled"
+    given = doc.get("unlabeled")
+    if given is None:
+        return _unlabeled_folder(plain, problems, channels_reported)
+    items = [given] if isinstance(given, (str, dict)) else given
+    if not isinstance(items, list):
+        problems.append(Problem(where, "'unlabeled' must name a folder of unlabeled images (e.g. \"imagesUnlabeled\") or list folders "
+                                       f"and image files, got {given!r}"))
+        return []
+    cases: List[Case] = []
+    folders = []
+    for i, item in enumerate(items):
+        rel = item.get("image") if isinstance(item, dict) else item
+        if not isinstance(rel, str):
+            problems.append(Problem(where, f"'unlabeled'[{i}]: must be a folder or an image path (relative to dataset.json), got {item!r}"))
+            continue
+        target = _nnunet_path(root, rel)
+        if target.is_dir() and not _is_dicom_series(target):
+            folders.append(target.resolve())
+            found = _unlabeled_folder(target, problems, channels_reported)
+            if not found:
+                problems.append(Problem(str(target), "named in dataset.json's 'unlabeled' but holds no images", "warning"))
+            cases += found
+        elif target.exists():
+            ref = item.get("reference") if isinstance(item, dict) else None
+            cases.append(Case(str(item.get("id") or case_id(target)) if isinstance(item, dict) else case_id(target), target,
+                              reference=root / ref if isinstance(ref, str) else None))
+        else:
+            problems.append(Problem(where, f"'unlabeled' names {rel}, which does not exist: give a folder of unlabeled images "
+                                           "(e.g. \"imagesUnlabeled\") or image files, relative to dataset.json"))
+    if plain.is_dir() and plain.resolve() not in folders and _volume_entries(plain):
+        problems.append(Problem(str(plain), "not read: dataset.json's 'unlabeled' names other images; add \"imagesUnlabeled\" to it "
+                                            "to use these too", "warning"))
+    return cases
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    """A folder of files none of which is a volume or a folder: one DICOM series (an image)."""
+    entries = _entries(folder)
+    return bool(entries) and not any(p.is_dir() or any(p.name.lower().endswith(s) for s in FORMATS) for p in entries)
+
+
+def _load_nnunet_v2(path: Path, doc: Dict[str, Any]) -> DatasetSpec:
+    """An nnU-Net v2 raw data set as it is (see the module docstring)."""
+    root = path.parent
+    where = str(path)
+    problems: List[Problem] = []
+    keys = ", ".join(k for k in _NNUNET_KEYS if k in doc) or "'labels' mapping names to values"
+
+    channel_names = None
+    channels = doc.get("channel_names")
+    if channels is None:
+        problems.append(Problem(where, "nnU-Net v2 dataset.json without 'channel_names' (nnU-Net needs it, SemiSAM only records it): "
+                                       "add e.g. \"channel_names\": {\"0\": \"US\"}", "warning"))
+    elif not isinstance(channels, dict) or not channels:
+        problems.append(Problem(where, f"'channel_names' must map channel numbers to names, e.g. {{\"0\": \"US\"}}, got {channels!r}"))
+    else:
+        channel_names = {str(k): str(v) for k, v in channels.items()}
+    multi = channel_names is not None and len(channel_names) > 1
+    if multi:
+        problems.append(Problem(where, f"'channel_names' declares {len(channel_names)} channels {json.dumps(channel_names)}; SemiSAM "
+                                       "segments single-channel images: keep the one channel to segment (files <case>_0000, "
+                                       "\"channel_names\": {\"0\": ...}) and move the other channels' files out"))
+
+    guessed = _guess_file_ending(root / "imagesTr")
+    ending = doc.get("file_ending")
+    if ending is None:
+        if "dataset" not in doc:  # with a 'dataset' of cases nnU-Net does not need it either
+            problems.append(Problem(where, "nnU-Net v2 dataset.json without 'file_ending': add "
+                                           + (f"\"file_ending\": \"{guessed}\" (what the images in imagesTr/ end with)" if guessed
+                                              else "the ending all images and labels have, e.g. \"file_ending\": \".nii.gz\"")))
+        ending = guessed
+    elif not isinstance(ending, str) or not ending.startswith("."):
+        problems.append(Problem(where, f"'file_ending' must be the files' ending with its dot, e.g. \".nii.gz\", got {ending!r}"))
+        ending = guessed
+    elif ending.lower() not in FORMATS:
+        problems.append(Problem(where, f"file_ending {ending!r}: SemiSAM does not read this format; convert images and labels to "
+                                       f"one of {', '.join(FORMATS)} (e.g. .nii.gz) and set file_ending to it"))
+        ending = None
+
+    labels = _nnunet_labels(doc.get("labels"), where, problems)
+
+    if "dataset" in doc:
+        labeled, found_in = _nnunet_listed_cases(doc["dataset"], root, where, problems, multi), "'dataset'"
+    else:
+        labeled, found_in = (_nnunet_folder_cases(root, "imagesTr", "labelsTr", ending, problems, multi) if ending else []), "imagesTr/"
+
+    n = doc.get("numTraining")
+    if n is None:
+        problems.append(Problem(where, f"nnU-Net v2 dataset.json without 'numTraining' (nnU-Net checks it, SemiSAM counts the cases): "
+                                       f"add \"numTraining\": {len(labeled)}", "warning"))
+    elif not isinstance(n, int) or isinstance(n, bool):
+        problems.append(Problem(where, f"'numTraining' must be the number of training cases, got {n!r}"))
+    elif (ending or "dataset" in doc) and n != len(labeled):
+        problems.append(Problem(where, f"'numTraining' is {n} but {found_in} holds {len(labeled)} training case(s): set numTraining "
+                                       f"to {len(labeled)}, or add the missing cases (image and label)"))
+
+    if isinstance(doc.get("training"), list):  # an MSD / nnU-Net v1 list left in, or SemiSAM's
+        listed = {case_id(e.get("image", "") if isinstance(e, dict) else str(e)) for e in doc["training"]}
+        if listed == {c.id for c in labeled}:
+            problems.append(Problem(where, "its 'training' list (MSD / nnU-Net v1) names the same cases as imagesTr/ and is not "
+                                           "read", "warning"))
+        else:
+            problems.append(Problem(where, f"mixes two formats: nnU-Net v2 ({keys}) and a 'training' list naming other cases "
+                                           f"({len(listed)} listed, {len(labeled)} in {found_in}); nnU-Net v2 reads imagesTr/ + "
+                                           f"labelsTr/: remove the 'training' list, or remove {keys} to train on the list"))
+    for key, folders in (("validation", "imagesVal/ + labelsVal/"), ("test", "imagesTs/ + labelsTs/")):
+        if key in doc:
+            problems.append(Problem(where, f"mixes two formats: nnU-Net v2 ({keys}) and SemiSAM's '{key}' list, which is not read "
+                                           f"here: put those cases in {folders}, or remove {keys} to use the lists"))
+
+    validation: List[Case] = []
+    test: List[Case] = []
+    if ending:
+        if (root / "imagesVal").is_dir():
+            validation = _nnunet_folder_cases(root, "imagesVal", "labelsVal", ending, problems, multi)
+        if (root / "labelsTs").is_dir():
+            test = _nnunet_folder_cases(root, "imagesTs", "labelsTs", ending, problems, multi)
+        elif any(p.name.endswith(ending) for p in _entries(root / "imagesTs")):
+            problems.append(Problem(str(root / "imagesTs"), f"no labelsTs/ beside it (nnU-Net keeps no test labels): not used as a test "
+                                                            f"split; put their labels in labelsTs/<case>{ending} to score on them", "warning"))
+    unlabeled = _nnunet_unlabeled(doc, root, where, problems, multi)
+    image_type, beam_axis = _ultrasound_keys(doc, path, problems)
+    return DatasetSpec(root, labeled, unlabeled, labels, image_type, beam_axis, NNUNET_V2, problems, validation, test,
+                       channel_names, ending)
 
 
 def validate_dataset(spec: DatasetSpec, allow_2d: bool = False, num_labels: Optional[int] = None, read: bool = True) -> List[Problem]:

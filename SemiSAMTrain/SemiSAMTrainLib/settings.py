@@ -141,7 +141,7 @@ def check_dataset(path: PathLike, read: bool = True) -> DatasetCheck:
         return DatasetCheck(False, [str(exc), "dataset NOT usable: 1 problem(s)"], errors=1)
     problems = validate_dataset(spec, read=read)
     errors = [p for p in problems if p.severity == "error"]
-    messages = [str(p) for p in problems]
+    messages = [f"format: {spec.format_description}"] + [str(p) for p in problems]
     split = "".join(f", {len(cases)} {name}" for name, cases in (("validation", spec.validation), ("test", spec.test)) if cases)
     summary = f"{len(spec.labeled)} labeled, {len(spec.unlabeled)} unlabeled{split} case(s) ({spec.source}: {spec.root})"  # as semisam validate
     messages.append(f"dataset NOT usable: {len(errors)} problem(s); {summary}" if errors else f"dataset OK: {summary}")
