@@ -37,7 +37,8 @@ class ConfigError(SemiSAMError):
 class PreprocessSection:
     target_spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)  # voxel size of the training grid, mm, (x, y, z)
     target_shape: Tuple[int, int, int] = (64, 128, 128)  # training grid (z, y, x); z = slices the encoder sees (the main cost)
-    crop: str = "fov"  # "fov": centre the grid on the ultrasound field of view; "center": on the volume
+    crop: str = "fov"  # "fov": centre the grid on the ultrasound field of view; "center": on the volume; "whole": cover the whole field of view with overlapping in-plane tiles of target_shape[1:]
+    tile_overlap: float = 0.25  # crop "whole": overlap of neighbouring in-plane tiles (fraction of the tile, 0 <= x < 0.9)
 
 
 @dataclass
@@ -291,7 +292,8 @@ def _check(cfg: TrainConfig, problems: List[str]) -> None:
     p = cfg.preprocess
     need(all(s > 0 for s in p.target_spacing), "preprocess.target_spacing", "must be positive", list(p.target_spacing))
     need(all(n >= 1 for n in p.target_shape), "preprocess.target_shape", "sizes must be >= 1", list(p.target_shape))
-    need(p.crop in ("fov", "center"), "preprocess.crop", "must be 'fov' or 'center'", p.crop)
+    need(p.crop in ("fov", "center", "whole"), "preprocess.crop", "must be 'fov', 'center' or 'whole'", p.crop)
+    need(0 <= p.tile_overlap < 0.9, "preprocess.tile_overlap", "must be in [0, 0.9)", p.tile_overlap)
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "must be auto, cpu, cuda or cuda:N", cfg.device)
     encoders = ("litemedsam", "medsam-vit-b", "sam-vit-b")
     need(cfg.encoder.name in encoders, "encoder.name", f"must be one of {', '.join(encoders)}", cfg.encoder.name)
