@@ -199,6 +199,8 @@ def test_init_config_with_a_dataset_fills_the_planned_keys(cohort, tmp_path, cap
     data = yaml.safe_load(out.read_text())
     for key, value in make_plan(fingerprint(cohort), "cpu").settings().items():
         assert dotted(data, key) == value, key
+    assert main(["init-config", str(tmp_path / "x.yaml"), "--dataset", str(tmp_path / "missing")]) == 2
+    assert "--no-plan" in capsys.readouterr().err and not (tmp_path / "x.yaml").exists()
     plain = tmp_path / "plain.yaml"
     assert main(["init-config", str(plain), "--dataset", str(cohort), "--no-plan"]) == 0
     data = yaml.safe_load(plain.read_text())
@@ -238,6 +240,7 @@ def test_promise12_plan(tmp_path, capsys):
     assert doc["tiles_per_slice"] == [1, 1] and doc["slice_tiles_per_volume"] == 32
     assert doc["slice_tiles_total"] == 20 * 32 + 12 * 32  # + one in-plane teacher view per unlabeled case
     assert doc["cases"] == {"labeled": 8, "unlabeled": 12, "validation": 0}
+    assert doc["segment_seconds_per_volume"] == pytest.approx(32 * doc["seconds_per_tile"], abs=0.01)
     assert not doc["outliers"]
 
 
@@ -365,3 +368,15 @@ def test_headers_only_takes_the_whole_grid(cohort):
     plan = make_plan(records, "cpu", cores=2)
     assert plan.median_shape[0] >= make_plan(fingerprint(cohort), "cpu", cores=2).median_shape[0]
     assert "headers only" in plan.reasons["preprocess.crop"]
+
+
+def test_a_configured_tile_overlap_is_kept_and_counted():
+    records = [record(f"c{i}", (16, 230, 230), (0.3, 0.3, 1.0)) for i in range(2)]
+    plan = make_plan(records, "cpu", cores=2)
+    assert plan.tile == 128 and plan.tiles_per_slice == (3, 3) and plan.slice_tiles_per_volume == 16 * 9
+    assert plan.reasons["preprocess.tile_overlap"].startswith("0.25 (the default): the median volume takes 3 x 3 tiles per slice, 144")
+    cfg = TrainConfig()
+    cfg.preprocess.tile_overlap = 0.0
+    plan = make_plan(records, "cpu", config=cfg, cores=2)
+    assert plan.tile_overlap == 0.0 and plan.tiles_per_slice == (2, 2) and plan.slice_tiles_total == 2 * 16 * 4
+    assert "kept from the config" in plan.reasons["preprocess.tile_overlap"]

@@ -198,8 +198,8 @@ def cmd_init_config(args: argparse.Namespace) -> int:
             raise SemiSAMError(f"{args.out} exists; choose another name or pass --force")
         try:
             plan = _make_plan(args.dataset, args.device, args.budget_minutes, args.memory_gb)
-        except PlanError as exc:
-            raise PlanError(f"{exc} (--no-plan writes the defaults)") from None
+        except SemiSAMError as exc:
+            raise PlanError(f"{exc} (--no-plan writes the defaults without reading the dataset)") from None
         cfg = apply_plan(cfg, plan)
         for line in plan.lines():
             print(line)
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-config", help="write a commented training config (YAML) with the defaults",
                        description="Write every training setting with its default and a comment.")
     p.add_argument("out", help="YAML file to write")
-    p.add_argument("--dataset", default=None, help="fill in the dataset (folder or dataset.json)")
+    p.add_argument("--dataset", default=None, help="fill in the dataset (folder or dataset.json) and plan the grid from it (`semisam plan`)")
     p.add_argument("--output-dir", default=None, help="fill in the run folder")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--no-plan", dest="plan", action="store_false",

@@ -273,7 +273,7 @@ class Plan:
         """The plan for people: each planned key with its reason, the costs, what was given up."""
         n = sum(self.counts.values())
         parts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
-        out = [f"plan from {n} volumes ({parts}) for {self.device}" + (f" ({self.cores} cores)" if self.device == "cpu" else "") + ":"]
+        out = [f"plan from {n} volume{'s' if n != 1 else ''} ({parts}) for {self.device}" + (f" ({self.cores} cores)" if self.device == "cpu" else "") + ":"]
         for key, value in self.settings().items():
             out.append(f"  {key}: {_yaml_scalar(value)}  -- {self.reasons[key]}")
         out.append("costs:")
@@ -294,6 +294,7 @@ class Plan:
             "median_shape": list(self.median_shape), "tiles_per_slice": list(self.tiles_per_slice),
             "slice_tiles_per_volume": self.slice_tiles_per_volume, "slice_tiles_total": self.slice_tiles_total,
             "seconds_per_tile": self.seconds_per_tile, "embedding_seconds": round(self.embedding_seconds, 1),
+            "segment_seconds_per_volume": round(self.slice_tiles_per_volume * self.seconds_per_tile, 2),
             "embedding_gb": round(self.embedding_gb, 4), "largest_case": self.largest_case,
             "largest_gb": round(self.largest_gb, 4), "memory_gb": round(self.memory_gb, 3),
             "budget_minutes": self.budget_minutes, "fits_budget": self.fits_budget,
@@ -472,21 +473,22 @@ def _target_spacing(records: List[CaseRecord]) -> Tuple[Tuple[float, float, floa
     spacings = np.array([r.spacing for r in records], dtype=np.float64)
     sizes = np.array([r.fov_voxels[::-1] for r in records], dtype=np.float64)  # x, y, z
     n = len(records)
+    vols = f"{n} volume{'s' if n != 1 else ''}"
     target = np.median(spacings, axis=0)
     median_size = np.median(sizes, axis=0)
-    worst = 2 - int(np.argmax(target[::-1]))  # the coarsest axis; z (the slices) on a tie
+    worst = 2 - int(np.argmax(np.round(target, 4)[::-1]))  # the coarsest axis; z (the slices) on a tie
     others = [a for a in range(3) if a != worst]
     coarsest_other = max(target[a] for a in others)
     aniso_spacing = target[worst] > ANISOTROPY * coarsest_other
     aniso_voxels = median_size[worst] * ANISOTROPY < min(median_size[a] for a in others)
     in_plane = " and ".join(f"{AXES[a]} {_fmt_mm(target[a])} mm" for a in others)
-    head = f"{in_plane}: median{'s' if len(others) > 1 else ''} of {n} volumes; "
+    head = f"{in_plane}: median{'s' if len(others) > 1 else ''} of {vols}; "
     ax = AXES[worst]
     if aniso_spacing and aniso_voxels:
         p10 = float(np.percentile(spacings[:, worst], 10))
         chosen = max(p10, coarsest_other)
         than = "(= the median here)" if p10 == target[worst] else f"not the median {_fmt_mm(target[worst])} mm,"
-        why = (f"{ax} {_fmt_mm(chosen)} mm: the 10th percentile of {n} volumes {than} "
+        why = (f"{ax} {_fmt_mm(chosen)} mm: the 10th percentile of {vols} {than} "
                f"because {ax} is anisotropic (median spacing > {ANISOTROPY:g}x {_fmt_mm(coarsest_other)} mm and "
                f"{median_size[worst]:.0f} voxels < 1/{ANISOTROPY:g} of {min(median_size[a] for a in others):.0f}: nnU-Net's rule, "
                "finer slices against interpolation artefacts)")
@@ -494,10 +496,10 @@ def _target_spacing(records: List[CaseRecord]) -> Tuple[Tuple[float, float, floa
             why += f", raised from {_fmt_mm(p10)} to the coarsest other axis"
         target[worst] = chosen
     elif aniso_spacing:
-        why = (f"{ax} {_fmt_mm(target[worst])} mm: median of {n} volumes (> {ANISOTROPY:g}x the other axes, but with "
+        why = (f"{ax} {_fmt_mm(target[worst])} mm: median of {vols} (> {ANISOTROPY:g}x the other axes, but with "
                f"{median_size[worst]:.0f} voxels not fewer than 1/{ANISOTROPY:g} of theirs: nnU-Net keeps the median then)")
     else:
-        why = f"{ax} {_fmt_mm(target[worst])} mm: median of {n} volumes (not anisotropic: <= {ANISOTROPY:g}x {_fmt_mm(coarsest_other)} mm)"
+        why = f"{ax} {_fmt_mm(target[worst])} mm: median of {vols} (not anisotropic: <= {ANISOTROPY:g}x {_fmt_mm(coarsest_other)} mm)"
     return tuple(float(round(v, 4)) for v in target), head + why  # type: ignore[return-value]
 
 
@@ -570,7 +572,7 @@ def make_plan(records: List[CaseRecord], device: str = "cpu", budget_minutes: Op
     cfg = config or TrainConfig()
     cores = int(cores or cpu_cores())
     memory = float(memory_gb) if memory_gb is not None else default_memory_gb()
-    overlap = float(cfg.preprocess.tile_overlap) if config is not None else TILE_OVERLAP
+    overlap = float(cfg.preprocess.tile_overlap)  # the config's (a user's choice is kept), default 0.25
     extra_views = (cfg.pseudo.views - 1) if cfg.pseudo.inplane_views else 0
     notes: List[str] = []
     outliers = _outliers(records, notes)
@@ -668,7 +670,8 @@ def make_plan(records: List[CaseRecord], device: str = "cpu", budget_minutes: Op
     else:
         reasons["student.block_depth"] = f"{chosen.block_depth}: the median depth in slices (less than {BLOCK_DEPTH})"
     per_volume_tiles = chosen.median_shape[0] * chosen.tiles_per_slice[0] * chosen.tiles_per_slice[1]
-    reasons["preprocess.tile_overlap"] = (f"{overlap:g}: the median volume takes {chosen.tiles_per_slice[0]} x {chosen.tiles_per_slice[1]} "
+    source = "the default" if overlap == TILE_OVERLAP else "kept from the config"
+    reasons["preprocess.tile_overlap"] = (f"{overlap:g} ({source}): the median volume takes {chosen.tiles_per_slice[0]} x {chosen.tiles_per_slice[1]} "
                                           f"tiles per slice, {per_volume_tiles} encoded slice-tiles per volume")
 
     # Costs.
@@ -684,6 +687,8 @@ def make_plan(records: List[CaseRecord], device: str = "cpu", budget_minutes: Op
     emb_gb = student_tiles * embedding_bytes(chosen.input_size) / (1 << 30)
     costs = [
         f"embedding: {chosen.encodings} slice-tiles{views} x {speed} = {_duration(chosen.seconds)} ({budget_text})",
+        f"segmenting a volume: the median volume's {per_volume_tiles} slice-tiles take ~{_duration(per_volume_tiles * spt)} "
+        "of encoding before the decoder runs",
         f"memory: {emb_gb:.2f} GB of fp16 embeddings for the data set ({embedding_bytes(chosen.input_size) / (1 << 20):.2f} MB per slice-tile; "
         f"beyond data.max_memory_gb {cfg.data.max_memory_gb:g} they are read from the disk cache); the largest volume, "
         f"{records[worst].id}, needs about {largest_gb:.2f} GB of the {memory:.1f} GB allowed "
