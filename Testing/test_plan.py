@@ -307,16 +307,23 @@ def test_budget_coarsens_in_plane_first_then_slices(capsys):
     assert plan.given_up == ["in-plane spacing 0.3 x 0.3 -> 0.375 x 0.375 mm (x1.25) to fit 0.5 minutes of embedding "
                              "(estimated 46 s at the data set's own grid)"]
     assert "coarsened to 0.375 x 0.375 x 1 mm" in plan.reasons["preprocess.target_spacing"]
-    # 3 s: in-plane x4 (one 64 tile) is not enough, then slices x4 (16 -> 4 slices)
+    # 3 s: no in-plane spacing is enough (one tile is the floor), so slices too: x4 (16 -> 4 slices),
+    # and in-plane only as far as it still saves tiles (x1.25: one tile; x4 would save nothing more)
     plan = make_plan(records, "cpu", budget_minutes=0.05, cores=2)
-    assert plan.target_spacing == (1.2, 1.2, 4.0) and plan.block_depth == 4 and plan.fits_budget
+    assert plan.target_spacing == (0.375, 0.375, 4.0) and plan.block_depth == 4 and plan.fits_budget
     assert plan.embedding_seconds == pytest.approx(16 * 0.18)
-    assert any(g.startswith("slice spacing 1 -> 4 mm (x4)") for g in plan.given_up)
+    assert [g.split(" to fit")[0] for g in plan.given_up] == ["in-plane spacing 0.3 x 0.3 -> 0.375 x 0.375 mm (x1.25)",
+                                                              "slice spacing 1 -> 4 mm (x4)"]
     assert "the median depth in slices" in plan.reasons["student.block_depth"]
-    # nothing fits: the coarsest plan, and it says so
+    # nothing fits: the cheapest plan, and it says so
     plan = make_plan(records, "cpu", budget_minutes=0.01, cores=2)
-    assert not plan.fits_budget and plan.target_spacing == (1.2, 1.2, 4.0)
-    assert "still" in plan.given_up[-1] and "raise --budget-minutes" in plan.given_up[-1]
+    assert not plan.fits_budget and plan.target_spacing == (0.375, 0.375, 4.0)
+    assert plan.given_up[-1].startswith("still 3 s > 0.01 min") and "raise --budget-minutes" in plan.given_up[-1]
+    # one tile per slice already (PROMISE12-like): the budget takes slices, not in-plane spacing
+    single = [record(f"c{i}", (32, 128, 128), (0.6, 0.6, 2.0)) for i in range(10)]
+    plan = make_plan(single, "cpu", budget_minutes=320 * 0.18 * 11 / 32 / 60 * 1.001, cores=2)
+    assert plan.target_spacing == (0.6, 0.6, 6.0) and plan.slice_tiles_total == 10 * 11
+    assert [g.split(" to fit")[0] for g in plan.given_up] == ["slice spacing 2 -> 6 mm (x3)"]
     # CUDA: 256 px first; the budget takes the input side down before the spacing
     gpu = make_plan(records, "cuda", cores=2)
     assert gpu.input_size == 256 and gpu.tile == 192 and gpu.tiles_per_slice == (1, 1)

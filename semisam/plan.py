@@ -71,8 +71,8 @@ ANISOTROPY = 3.0
 #: A case whose spacing or field of view differs from the median by more than this factor is named.
 OUTLIER_RATIO = 2.0
 #: Budget ladder: in-plane spacing factors first (fewer tiles per slice), then slice spacing.
-INPLANE_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
-DEPTH_STEPS = (1.5, 2.0, 3.0, 4.0)
+INPLANE_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)  # x the data set's in-plane spacing
+DEPTH_STEPS = (1.5, 2.0, 3.0, 4.0)  # x its slice spacing
 BLOCK_DEPTH = 16
 TILE_OVERLAP = 0.25
 AXES = ("x", "y", "z")
@@ -578,9 +578,12 @@ def make_plan(records: List[CaseRecord], device: str = "cpu", budget_minutes: Op
     outliers = _outliers(records, notes)
     base_spacing, spacing_reason = _target_spacing(records)
 
+    # Candidates from the finest: every in-plane factor (and, on CUDA, 256 then 128 px) at the
+    # data set's slice spacing first, then the same at each coarser slice spacing. The first that
+    # fits wins: in-plane spacing is given up before slices, and never where it saves nothing
+    # (a field of view already in one tile costs the same at a coarser in-plane spacing).
     sides = (256, 128) if device == "cuda" else (128,)
-    ladder: List[Tuple[int, float, float]] = [(s, f, 1.0) for f in INPLANE_STEPS for s in sides]
-    ladder += [(s, INPLANE_STEPS[-1], d) for d in DEPTH_STEPS for s in sides]
+    ladder: List[Tuple[int, float, float]] = [(s, f, d) for d in (1.0,) + DEPTH_STEPS for f in INPLANE_STEPS for s in sides]
 
     def at(step: Tuple[int, float, float]) -> _Layout:
         side, f, d = step
@@ -592,12 +595,13 @@ def make_plan(records: List[CaseRecord], device: str = "cpu", budget_minutes: Op
     budget_s = None if budget_minutes is None else 60.0 * float(budget_minutes)
     fits = True
     if budget_s is not None and first.seconds > budget_s:
-        for candidate in ladder[1:]:
-            chosen, step = at(candidate), candidate
-            if chosen.seconds <= budget_s:
-                break
-        else:
+        layouts = [(candidate, at(candidate)) for candidate in ladder]
+        fitting = [(c, lay) for c, lay in layouts if lay.seconds <= budget_s]
+        if fitting:
+            step, chosen = fitting[0]
+        else:  # the cheapest (the finest among equals), and say so
             fits = False
+            step, chosen = min(layouts, key=lambda cl: cl[1].seconds)
     given_up: List[str] = []
     if chosen is not first:
         target = f"to fit {budget_minutes:g} minutes of embedding (estimated {_duration(first.seconds)} at the data set's own grid)"
@@ -609,7 +613,7 @@ def make_plan(records: List[CaseRecord], device: str = "cpu", budget_minutes: Op
         if step[2] != 1.0:
             given_up.append(f"slice spacing {_fmt_mm(first.spacing[2])} -> {_fmt_mm(chosen.spacing[2])} mm (x{step[2]:g}) {target}")
         if not fits:
-            given_up.append(f"still {_duration(chosen.seconds)} > {budget_minutes:g} min at the coarsest plan the planner makes: "
+            given_up.append(f"still {_duration(chosen.seconds)} > {budget_minutes:g} min at the cheapest plan the planner makes: "
                             "raise --budget-minutes, plan on a GPU, or use fewer volumes")
 
     # One volume must fit in memory: its embeddings, its voxels, its resampled grid.
