@@ -26,7 +26,7 @@ def run(*args, cwd=None):
 def test_help_lists_every_command():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("phantom", "validate", "demo"):
+    for command in ("phantom", "validate", "demo", "plan"):
         assert command in out.stdout
 
 
@@ -34,6 +34,8 @@ def test_help_lists_every_command():
     ("phantom", ["--n", "--out", "--labeled", "--shape", "--seed", "--rf"]),
     ("validate", ["DATASET", "--allow-2d", "--num-labels"]),
     ("demo", ["--out"]),
+    ("plan", ["DATASET", "--device", "--budget-minutes", "--memory-gb", "--config", "--json", "--headers-only"]),
+    ("init-config", ["--no-plan", "--device", "--budget-minutes", "--memory-gb"]),
 ])
 def test_help_of_each_command(command, flags):
     out = run(command, "--help")

@@ -131,6 +131,67 @@ def _overrides(pairs: Sequence[str]) -> dict:
     return parse_overrides(list(pairs or []))
 
 
+def _resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # torch missing or broken: plan for the CPU
+        return "cpu"
+
+
+def _make_plan(dataset: str, device: str, budget_minutes: Optional[float], memory_gb: Optional[float], config=None,
+               headers_only: bool = False, quiet: bool = False):
+    """Fingerprint ``dataset`` (progress on a terminal's stderr) and plan it."""
+    from .plan import fingerprint, make_plan
+
+    for name, value in (("--budget-minutes", budget_minutes), ("--memory-gb", memory_gb)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value:g}")
+    show = not quiet and sys.stderr.isatty()
+
+    def progress(i: int, n: int, case: str) -> None:
+        if show:
+            print(f"\rreading {i}/{n} ({case})\x1b[K", end="" if i < n else "\n", file=sys.stderr, flush=True)
+
+    records = fingerprint(dataset, voxels=not headers_only, progress=progress)
+    return make_plan(records, _resolve_device(device), budget_minutes, memory_gb, config)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import config_from_dict
+    from .plan import update_config_file
+
+    base = None
+    if args.config and Path(args.config).is_file():  # the estimates use its epochs, batch and teacher views
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SemiSAMError(f"{args.config}: not valid YAML: {exc}".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise SemiSAMError(f"{args.config}: must be a mapping of settings, got {type(raw).__name__}")
+        base = config_from_dict(raw, args.config, require_dataset=False)
+    plan = _make_plan(args.dataset, args.device, args.budget_minutes, args.memory_gb, base, args.headers_only)
+    for line in plan.lines():
+        print(line)
+    written = None
+    if args.config:
+        path, created = update_config_file(args.config, plan, args.dataset)
+        written = str(path)
+        keys = ", ".join(plan.settings())
+        print(f"wrote {path} (the defaults plus the plan)" if created else f"updated {path}: {keys} (other settings kept)")
+    if args.json:
+        print(json.dumps({"dataset": str(args.dataset), **plan.to_dict(), "config": written}))
+    return 0
+
+
 def cmd_init_config(args: argparse.Namespace) -> int:
     from .config import TrainConfig, write_config
 
@@ -139,6 +200,18 @@ def cmd_init_config(args: argparse.Namespace) -> int:
         cfg.dataset = args.dataset
     if args.output_dir:
         cfg.output = args.output_dir
+    if args.dataset and args.plan:
+        from .plan import PlanError, apply_plan
+
+        if Path(args.out).exists() and not args.force:  # refuse before reading the whole data set
+            raise SemiSAMError(f"{args.out} exists; choose another name or pass --force")
+        try:
+            plan = _make_plan(args.dataset, args.device, args.budget_minutes, args.memory_gb)
+        except SemiSAMError as exc:
+            raise PlanError(f"{exc} (--no-plan writes the defaults without reading the dataset)") from None
+        cfg = apply_plan(cfg, plan)
+        for line in plan.lines():
+            print(line)
     path = write_config(args.out, cfg, overwrite=args.force)
     print(f"wrote {path}: edit 'dataset' (and anything else), then run: semisam train --config {path}")
     return 0
@@ -236,10 +309,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-config", help="write a commented training config (YAML) with the defaults",
                        description="Write every training setting with its default and a comment.")
     p.add_argument("out", help="YAML file to write")
-    p.add_argument("--dataset", default=None, help="fill in the dataset (folder or dataset.json)")
+    p.add_argument("--dataset", default=None, help="fill in the dataset (folder or dataset.json) and plan the grid from it (`semisam plan`)")
     p.add_argument("--output-dir", default=None, help="fill in the run folder")
     p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--no-plan", dest="plan", action="store_false",
+                   help="with --dataset: keep the default grid instead of planning it from the data (see `semisam plan`)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="plan for this device (default: cuda when torch sees one)")
+    p.add_argument("--budget-minutes", type=float, default=None, metavar="M", help="as for `semisam plan`")
+    p.add_argument("--memory-gb", type=float, default=None, metavar="G", help="as for `semisam plan`")
     p.set_defaults(func=cmd_init_config)
+
+    p = sub.add_parser("plan", help="plan spacing, tiles and encoder side from a dataset; write them into a config",
+                       description="Read every image of a dataset (labeled, unlabeled, validation; one at a time) and plan the\n"
+                                   "training grid: target spacing, in-plane tile and depth block, encoder input side, tiling,\n"
+                                   "with a reason for each and the costs (embedding time and memory, training time).\n"
+                                   "With --config the planned keys go into that YAML (created with the defaults if missing;\n"
+                                   "otherwise only those keys change).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", help="dataset folder or dataset.json")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="plan for this device: 128 px encoder input on cpu, 256 on cuda (default: cuda when torch sees one)")
+    p.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="encoder time allowed to embed the dataset once; coarsen until it fits (default: not limited)")
+    p.add_argument("--memory-gb", type=float, default=None, metavar="G",
+                   help="memory one volume may take (embeddings + voxels); default 75%% of this machine's RAM")
+    p.add_argument("--config", default=None, metavar="PATH", help="write the planned keys into this training YAML")
+    p.add_argument("--json", action="store_true", help="also print the plan as one JSON object (last line)")
+    p.add_argument("--headers-only", action="store_true",
+                   help="read headers only (fast): the whole grid counts as the field of view, not the non-zero sector")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="train a student semi-supervised (Semi-SAM+); torchrun-ready",
                        description="Train the Slicing-SAM3D student in three phases (warm-up, semi-supervised, fine-tune).\n"

@@ -260,6 +260,74 @@ def read_volume(
     return volume
 
 
+@dataclass
+class VolumeHeader:
+    """A volume's grid without its voxels (what :func:`read_header` returns).
+
+    ``shape`` is ``(z, y, x)``; a 2D image is ``(1, y, x)`` with ``was_2d`` set, spacing 1 mm
+    along z, as :func:`read_volume` makes it. ``components`` > 1: a colour or vector image.
+    """
+
+    shape: Tuple[int, int, int]
+    spacing: Vec3
+    origin: Vec3
+    direction: np.ndarray
+    was_2d: bool = False
+    components: int = 1
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+def read_header(path: os.PathLike | str, series_uid: Optional[str] = None) -> VolumeHeader:
+    """Shape and geometry of an image without reading its voxels where the format allows it.
+
+    Files (NIfTI, NRRD, MetaImage, PNG) are read with SimpleITK's
+    ``ImageFileReader.ReadImageInformation`` (the header only); a DICOM series folder is read
+    whole (its geometry needs every slice's position). Nothing about the voxels is checked:
+    :func:`read_volume` does that.
+
+    Raises:
+        InputError: missing or empty file, unknown type, unreadable header, not 2D/3D.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "does not exist", "check the path")
+    _, fmt = format_of(path)
+    if fmt == DICOM:
+        volume = read_volume(path, series_uid=series_uid)
+        return VolumeHeader(volume.shape, volume.spacing, volume.origin, volume.direction, False, 1, dict(volume.meta))
+    if path.is_dir():
+        raise InputError(path, f"is a folder, but its name ends like a {fmt} file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "is empty (0 bytes)", "the export or copy failed; export it again")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot be read as {fmt}: {_itk_message(exc)}", "the file is probably truncated or corrupt") from None
+    dim = reader.GetDimension()
+    size = tuple(int(n) for n in reader.GetSize())
+    if dim not in (2, 3):
+        raise InputError(path, f"has {dim} dimensions ({'x'.join(map(str, size))}); a 3D volume or a 2D image is required")
+    meta = {"source": str(path), "format": fmt}
+    comps = int(reader.GetNumberOfComponents())
+    if dim == 2:
+        direction = np.eye(3)
+        direction[:2, :2] = np.asarray(reader.GetDirection()).reshape(2, 2)
+        sx, sy = reader.GetSpacing()
+        ox, oy = reader.GetOrigin()
+        return VolumeHeader((1, size[1], size[0]), (sx, sy, 1.0), (ox, oy, 0.0), direction, True, comps, meta)
+    return VolumeHeader(
+        (size[2], size[1], size[0]),
+        tuple(float(v) for v in reader.GetSpacing()),
+        tuple(float(v) for v in reader.GetOrigin()),
+        np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3),
+        False,
+        comps,
+        meta,
+    )
+
+
 def _sitk_read(path: Path, fmt: str) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
