@@ -205,7 +205,7 @@ def test_init_config_with_a_dataset_fills_the_planned_keys(cohort, tmp_path, cap
     assert main(["init-config", str(plain), "--dataset", str(cohort), "--no-plan"]) == 0
     data = yaml.safe_load(plain.read_text())
     assert data["preprocess"]["target_shape"] == list(TrainConfig().preprocess.target_shape)
-    assert data["preprocess"]["crop"] == "fov"
+    assert data["preprocess"]["crop"] == TrainConfig().preprocess.crop
     # apply_plan is the same thing in Python
     cfg = apply_plan(TrainConfig(), make_plan(fingerprint(cohort), "cuda"))
     assert cfg.encoder.input_size == 256 and cfg.preprocess.target_shape[1:] == (128, 128)

@@ -336,11 +336,11 @@ def seconds_per_tile(input_size: int, device: str, cores: int) -> float:
 
 
 def tiles_along(n: int, tile: int, overlap: float) -> int:
-    """Tiles of side ``tile`` overlapping by ``overlap`` that cover ``n`` voxels (a sliding window)."""
-    if n <= tile:
-        return 1
-    stride = max(1, int(tile * (1.0 - overlap)))
-    return int(math.ceil((n - tile) / stride)) + 1
+    """Tiles of side ``tile`` overlapping by ``overlap`` that cover ``n`` voxels: the lattice
+    training and ``segment`` use (:func:`semisam.tiling.tile_starts`)."""
+    from .tiling import tile_starts
+
+    return len(tile_starts(max(1, int(n)), min(int(tile), max(1, int(n))), overlap))
 
 
 def embedding_bytes(input_size: int) -> int:
