@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import json
 from pathlib import Path
 
@@ -242,6 +243,17 @@ def test_promise12_plan(tmp_path, capsys):
     assert doc["cases"] == {"labeled": 8, "unlabeled": 12, "validation": 0}
     assert doc["segment_seconds_per_volume"] == pytest.approx(32 * doc["seconds_per_tile"], abs=0.01)
     assert not doc["outliers"]
+    # the same cohort in nnU-Net v2's raw layout plans the same
+    nn = tmp_path / "Dataset512_Prostate"
+    for path in sorted(root.rglob("*.nii.gz")):
+        folder, name = path.parent.name, path.name[: -len(".nii.gz")]
+        (nn / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, nn / folder / (f"{name}_0000.nii.gz" if folder != "labelsTr" else path.name))
+    (nn / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2"}, "labels": {"background": 0, "prostate": 1},
+                                                 "numTraining": 8, "file_ending": ".nii.gz"}))
+    assert main(["plan", str(nn), "--device", "cpu", "--json"]) == 0
+    again = last_json(capsys.readouterr().out)
+    assert again["settings"] == s and again["cases"] == doc["cases"]
 
 
 # ------------------------------------------------------------------------------------------
