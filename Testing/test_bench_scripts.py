@@ -1,4 +1,4 @@
-"""scripts/bench_student.py and scripts/bench_ssl.py end to end on the tiny schedule: their JSON lines and errors."""
+"""scripts/bench_student.py, scripts/bench_ssl.py and scripts/bench_segment.py end to end on tiny settings: their JSON lines and errors."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_student.py"
@@ -84,3 +86,42 @@ def test_bench_ssl_refuses_a_dataset_without_a_test_split(tmp_path: Path):
     done = subprocess.run([sys.executable, str(SSL), "--dataset", str(cohort), "--out", str(tmp_path / "w")], cwd=tmp_path,
                           capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert done.returncode != 0 and "no test split" in done.stderr and "imagesTs/" in done.stderr
+
+
+SEGMENT = REPO / "scripts" / "bench_segment.py"
+
+
+def test_bench_segment_reports_every_size_with_sane_values(tmp_path: Path):
+    """scripts/bench_segment.py --tiny: one fresh child per size, each with wall and encoder
+    seconds, encoded slices, peak RSS and s/Mvox that make sense; the ratio over sizes last."""
+    done = subprocess.run([sys.executable, str(SEGMENT), "--tiny", "--backend", "torch", "--work", str(tmp_path / "w")], cwd=tmp_path,
+                          capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert any(line.strip().startswith("16x16x16:") for line in lines[:-1])  # human lines before the JSON
+    assert result["backend"] == "torch" and result["student"]["kind"] == "untrained" and result["repeats"] == 1
+    rows = result["sizes"]
+    assert [r["name"] for r in rows] == ["16x16x16", "24x32x32"] and [r["shape"] for r in rows] == [[16, 16, 16], [24, 32, 32]]
+    for r in rows:
+        assert r["source"] == "phantom" and r["placement"] == "central"
+        assert 0 < r["encode_s"] <= r["wall_s"] and 0 < r["embed_phase_s"] <= r["wall_s"]  # both within the call
+        depth = result["student"]["preprocess"]["target_shape"][0]
+        assert r["encoded_slices"] >= depth and r["progress_total"] > 0  # a fresh cache: every slice of the model's grid encoded
+        assert r["mvox"] == round(np.prod(r["shape"]) / 1e6, 3)
+        assert abs(r["s_per_mvox"] - r["wall_s"] / (np.prod(r["shape"]) / 1e6)) <= 1e-3 * r["s_per_mvox"]
+        assert 100 < r["rss_before_mb"] <= r["peak_rss_mb"] < 16000  # MB of a process that loaded torch and the encoder
+        if "segment_peak_rss_mb" in r:  # Linux: the high-water mark of the segmentations alone
+            assert r["rss_before_mb"] - 50 <= r["segment_peak_rss_mb"] <= r["peak_rss_mb"]
+        assert r["load_s"] > 0 and r["threads"] >= 1
+        assert "dice" not in r  # an untrained student's output is not scored
+    ratio = result["ratio_s_per_mvox"]
+    assert (ratio["largest"], ratio["reference"]) == ("24x32x32", "16x16x16")  # no 128^3 here: the first size is the reference
+    assert abs(ratio["value"] - rows[1]["s_per_mvox"] / rows[0]["s_per_mvox"]) <= 1e-3 * ratio["value"]
+    assert (tmp_path / "w" / "student" / "untrained.pt").is_file()
+
+
+def test_bench_segment_refuses_a_missing_input(tmp_path: Path):
+    done = subprocess.run([sys.executable, str(SEGMENT), "--sizes", "", "--input", str(tmp_path / "nope.nii.gz")], cwd=tmp_path,
+                          capture_output=True, text=True, encoding="utf-8", timeout=120)
+    assert done.returncode == 2 and "nope.nii.gz: no such file" in done.stderr and "Traceback" not in done.stderr

@@ -45,7 +45,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"\rphantom {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
-    out = write_cohort(args.out, args.n, args.labeled, _shape(args.shape), args.seed, args.rf, args.num_labels, args.overwrite, progress)
+    out = write_cohort(args.out, args.n, args.labeled, _shape(args.shape), args.seed, args.rf, args.num_labels, args.overwrite, progress,
+                       placement=args.placement)
     labeled = args.labeled if args.labeled is not None else max(1, args.n // 4)
     print(f"wrote {args.n} phantoms ({labeled} labeled, {args.n - labeled} unlabeled) to {out} in {time.time() - t0:.1f} s")
     return 0
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same cohort)")
     p.add_argument("--rf", action="store_true", help="write RF data instead of B-mode (dataset.json says image_type rf)")
     p.add_argument("--num-labels", type=int, default=1, help="structures per case, labels 1..K (default 1)")
+    p.add_argument("--placement", default="auto", choices=("auto", "anywhere", "central"),
+                   help="where the targets go: anywhere in the sector (organ-sized, edges included) or central (at mid depth "
+                        "near the central ray, sized to the grid); default auto: anywhere from 256 voxels in depth or lateral")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_phantom)
