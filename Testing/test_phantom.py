@@ -185,7 +185,7 @@ def test_anywhere_targets_reach_far_from_the_centre(anywhere_cases):
     assert any(not o["centroid_in_central_window"] for o in offsets)
     lateral = [abs(o["offset_voxels"][2]) for o in offsets]
     depth = [o["offset_voxels"][1] for o in offsets]
-    assert max(lateral) > 0.25 * WIDE[2] and max(depth) > 0.2 * WIDE[1] and min(depth) < 0.1 * WIDE[1]
+    assert max(lateral) > 0.2 * WIDE[2] and max(depth) > 0.2 * WIDE[1] and min(depth) < 0.1 * WIDE[1]
 
 
 def test_far_from_centre_puts_the_first_target_outside_the_central_window():
@@ -202,15 +202,16 @@ def test_far_from_centre_puts_the_first_target_outside_the_central_window():
 
 
 def test_anywhere_targets_keep_an_organ_size_on_a_large_grid():
-    # radii are drawn in mm (a mean of 10-20 mm), not as a fraction of the field of view: on a
-    # wide grid the target is much smaller than the grid-scaled size of the central placement
-    case = make_phantom(2, (64, 224, 224), placement="anywhere")
-    spacing = np.array(case.image.spacing)
-    extent = np.array([224, 224, 64]) * spacing
-    grid_scaled = min(extent[0], extent[1], 1.6 * extent[2]) * 0.25  # the central placement's mean radius
-    radius = ((case.label.array == 1).sum() * spacing.prod() * 3 / (4 * np.pi)) ** (1 / 3)  # equivalent radius, mm
-    assert 8.0 < radius < 25.0 < 0.8 * grid_scaled
-    assert_whole_targets_inside_the_sector(case)
+    # a whole field of view spans 90-130 mm per axis whatever its voxel count (its spacing
+    # follows), and radii are drawn in mm (a mean of 10-20 mm): organ-sized on any grid
+    for shape in ((64, 224, 224), (48, 320, 288)):
+        case = make_phantom(2, shape, placement="anywhere")
+        spacing = np.array(case.image.spacing)
+        extent = np.array(shape[::-1]) * spacing
+        assert np.all((extent >= 90.0) & (extent <= 130.0)), extent
+        radius = ((case.label.array == 1).sum() * spacing.prod() * 3 / (4 * np.pi)) ** (1 / 3)  # equivalent radius, mm
+        assert 8.0 < radius < 25.0
+        assert_whole_targets_inside_the_sector(case)
 
 
 def test_auto_placement_follows_the_grid_size():

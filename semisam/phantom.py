@@ -60,6 +60,9 @@ FIELD_OF_VIEW_SIDE = 256  # in-plane voxels from which "auto" places targets any
 ORGAN_RADIUS_MM = (10.0, 20.0)  # mean radius of an "anywhere" target before the grid's own bound
 
 
+WHOLE_FOV_MM = (90.0, 130.0)  # extent per axis of a placement="anywhere" phantom (real 3D ultrasound spans 80-200 mm)
+
+
 def resolve_placement(placement: str, shape: Sequence[int]) -> str:
     """``auto`` -> ``anywhere`` for a whole field of view (a grid of at least 256 voxels along
     depth or lateral), else ``central``: every smaller grid (all cohorts of the demo, tests
@@ -298,6 +301,8 @@ def make_phantom(
     rng = np.random.default_rng(seed)
     spacing = np.array(_random_spacing(rng))  # x, y, z
     nz, ny, nx = shape
+    if placement == "anywhere":  # a real field of view: 90-130 mm per axis, whatever the voxel count (RESECT: 102 x 102 x 115 mm)
+        spacing = rng.uniform(*WHOLE_FOV_MM, size=3) / np.array([nx, ny, nz], dtype=np.float64)
     extent = np.array([nx, ny, nz]) * spacing  # mm, x y z
     axes = _axes(shape, spacing, dt)  # voxel centres in the scanner frame (mm), x y z
 
