@@ -18,9 +18,9 @@ checkpoint, each size in a fresh child process, so that its peak RSS is its own.
 * ``s_per_mvox``: ``wall_s`` per million input voxels; and, over the sizes, the ratio of
   s/Mvox of the largest input to that of 128^3 (1 when the cost grows linearly with the voxels).
 
-Whatever ``segment`` does is what is measured (today: a crop of the field of view at the
-student's training grid; with tiling, the whole field of view). Fields ``Segmentation``
-exposes besides its volumes (e.g. the grid it segmented on) are copied into ``segmentation``.
+Whatever ``segment`` does is what is measured: the whole field of view at the student's
+spacing, cut into its in-plane training tiles. ``Segmentation``'s grid (z, y, x) and tiles per
+slice are copied into ``segmentation``.
 
 Student: ``--student best.pt`` (then each phantom's ``dice`` against its label is reported
 too), or else a freshly initialised student of the demo's architecture and preprocessing

@@ -1,0 +1,39 @@
+"""A real field of view end to end: a 288 x 256 x 256 phantom whose targets lie far from the
+centre, segmented whole by a student trained on the tiny schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semisam.phantom import central_window, make_phantom, target_offsets
+
+
+@pytest.mark.slow
+def test_a_student_finds_targets_far_from_the_centre_of_a_whole_field_of_view(tmp_path):
+    from semisam.demo import demo_config
+    from semisam.inference import Segmenter
+    from semisam.phantom import write_cohort
+    from semisam.training import Trainer
+
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, n=6, labeled=4, seed=3, validation=1)
+    cfg = demo_config(cohort, tmp_path / "run", tmp_path / "cache", seed=0, schedule="tiny")
+    cfg.phases.warmup.epochs = 6  # the tiny schedule's 2 epochs learn too little to find anything
+    Trainer(cfg, progress="none").run()
+
+    case = make_phantom(7, (288, 256, 256), num_labels=2, placement="anywhere", far_from_centre=True)
+    offsets = target_offsets(case.label)
+    assert not offsets[1]["touches_central_window"]  # target 1 lies wholly outside the central half
+    seg = Segmenter(tmp_path / "run" / "best.pt", backend="torch", cache=None).segment(case.image, largest_component=False)
+    assert seg.tiles > 1  # the field of view is wider than the student's 32 x 32 tile
+    pred = seg.label.array > 0
+    truth = case.label.array
+    for k in (1, 2):
+        target = truth == k
+        dice = 2.0 * float((pred & target).sum()) / float(pred.sum() + target.sum())
+        assert dice > 0.0, f"target {k} ({offsets[k]['offset_mm']:.0f} mm from the centre) was not found"
+    # no straight cut at the old crop's edge: the mask reaches beyond the central window
+    outside = np.ones(truth.shape, bool)
+    outside[central_window(truth.shape)] = False
+    assert (pred & outside & (truth == 1)).any()
