@@ -16,7 +16,7 @@ import torch
 from .errors import Cancelled, SemiSAMError
 from .models.encoders import EmbeddingCache, SliceEncoder
 from .models.student import SlicingSAM3D
-from .preprocess import PreprocessConfig, PreprocessRecord, invert, preprocess
+from .preprocess import PreprocessConfig, invert, preprocess
 from .volume import Volume
 
 
@@ -118,7 +118,7 @@ def segment_volume(
     threshold: float = 0.5,
     progress: Optional[Callable[[int, int], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
-    preprocessed: Optional[Tuple[Volume, PreprocessRecord]] = None,
+    chunk: int = 8,
 ) -> Segmentation:
     """One-click segmentation of ``volume`` over its whole field of view.
 
@@ -137,17 +137,16 @@ def segment_volume(
             decoder was trained with these flips of its embeddings). Four decoder passes.
         threshold: foreground probability threshold for one structure (students trained with
             ``validation.calibrate_threshold`` record theirs: :func:`recorded_threshold`).
-        progress, cancel: see :func:`tiled_probabilities`.
-        preprocessed: ``preprocess(volume, whole_fov(preprocess_config))`` when the caller has it.
+        progress, cancel, chunk: see :func:`tiled_probabilities`.
     """
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
     _check_student(student, encoder)
     cache = cache or EmbeddingCache()
     config = preprocess_config or PreprocessConfig()
-    pre, record = preprocessed or preprocess(volume, whole_fov(config))
+    pre, record = preprocess(volume, whole_fov(config))
     views = tiled_probabilities(pre.array, student, encoder, cache, config.target_shape[1:], config.tile_overlap, device,
-                                flips=tta or uncertainty, progress=progress, cancel=cancel)
+                                flips=tta or uncertainty, progress=progress, cancel=cancel, chunk=chunk)
     probs = views.mean(dim=0) if tta else views[0]
     # Probabilities go back to the input grid (linear) and are thresholded there: smoother
     # boundaries than resampling a label map with nearest neighbours (worth +0.005..0.08 Dice
@@ -345,4 +344,4 @@ class Segmenter:
         largest = self.largest_component if largest_component is None else largest_component
         return segment_volume(volume, self.student, self.encoder, self.preprocess_config, self.cache, uncertainty=uncertainty,
                               device=self.device, largest_component=largest, tta=tta, threshold=self.threshold,
-                              progress=progress, cancel=cancel)
+                              progress=progress, cancel=cancel, chunk=chunk)
