@@ -131,3 +131,40 @@ def test_a_volume_too_large_for_memory_is_refused_before_any_work(small_sam, tmp
     with pytest.raises(SemiSAMError, match=r"needs about .* GB .* grid \[200, 300, 300\].*target_spacing; nothing was written"):
         seg.segment(volume)
     assert seg.cache.encoded_slices == encoded
+
+
+@pytest.mark.slow
+def test_training_on_whole_fields_of_view_cuts_tiles_and_oversamples_foreground(tmp_path):
+    from semisam.demo import demo_config
+    from semisam.phantom import write_cohort
+    from semisam.training import Trainer
+
+    cohort = write_cohort(tmp_path / "cohort", n=5, labeled=3, shape=(24, 64, 96), seed=5, validation=1)
+    cfg = demo_config(cohort, tmp_path / "run", tmp_path / "cache", seed=0, schedule="tiny")
+    cfg.preprocess.crop = "whole"
+    cfg.preprocess.target_spacing, cfg.preprocess.target_shape, cfg.encoder.input_size = (1.5, 1.5, 3.0), (4, 16, 16), 64
+    cfg.pseudo.refresh_every = 10  # one refresh: enough to see the unlabeled tiles' targets
+    trainer = Trainer(cfg, progress="none")
+    summary = trainer.run()
+    items = trainer.labeled + trainer.unlabeled + trainer.validation
+    assert all(len(it.tile_list()) > 1 for it in items)  # every field of view is wider than a 16 px tile
+    for it in items:
+        assert len(it.embs) == len(it.tile_list()) and all(e.shape[0] == it.image.shape[0] for e in it.embs)
+    assert trainer.cache.encoded_slices == sum(it.image.shape[0] * len(it.tile_list()) for it in items)
+    assert summary["best_val_dice"] is not None and 0.0 <= summary["best_val_dice"] <= 1.0
+    # a drawn tile carries its own window of the image, the label and the embeddings
+    rng = np.random.default_rng(0)
+    it = trainer.labeled[0]
+    lattice = it.tile_list()
+    fg_tiles = {t for t, tile in enumerate(lattice) if (it.label[(slice(None), *tile.window)] > 0).any()}
+    assert 0 < len(fg_tiles) < len(lattice)  # some tiles hold no target: the rule is visible
+    hits = 0
+    for _ in range(300):
+        view, targets = trainer._tile(it, rng)
+        t = next(i for i, e in enumerate(it.embs) if e is view.emb)
+        window = (slice(None), *lattice[t].window)
+        assert np.array_equal(view.image, it.image[window]) and np.array_equal(targets["label"].numpy(), it.label[window])
+        hits += t in fg_tiles
+    expected = 1 / 3 + 2 / 3 * len(fg_tiles) / len(lattice)  # a third among foreground tiles, the rest uniform
+    assert expected - len(fg_tiles) / len(lattice) > 0.1  # uniform draws would be told apart
+    assert abs(hits / 300 - expected) < 0.08, (hits, expected, len(fg_tiles), len(lattice))
