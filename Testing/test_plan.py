@@ -399,3 +399,23 @@ def test_a_configured_tile_overlap_is_kept_and_counted():
     plan = make_plan(records, "cpu", config=cfg, cores=2)
     assert plan.tile_overlap == 0.0 and plan.tiles_per_slice == (2, 2) and plan.slice_tiles_total == 2 * 16 * 4
     assert "kept from the config" in plan.reasons["preprocess.tile_overlap"]
+
+
+def test_the_demo_trains_on_its_plan(cohort, tmp_path):
+    """`semisam demo` takes its grid from `semisam plan` on its cohort, within its embedding budget."""
+    from semisam.demo import DEMO_EMBEDDING_MINUTES, demo_config, plan_demo
+
+    base = demo_config(cohort, tmp_path / "run", tmp_path / "cache", seed=0)
+    cfg, plan = plan_demo(cohort, base)
+    assert plan.cores == 2 and plan.budget_minutes == DEMO_EMBEDDING_MINUTES
+    assert plan.fits_budget and plan.embedding_seconds <= 60 * DEMO_EMBEDDING_MINUTES
+    assert tuple(cfg.preprocess.target_spacing) == pytest.approx(plan.target_spacing)
+    assert tuple(cfg.preprocess.target_shape) == plan.target_shape and cfg.preprocess.crop == "whole"
+    assert cfg.student.block_depth == plan.block_depth and cfg.encoder.input_size == plan.input_size
+    # everything the plan does not decide is the demo's schedule
+    assert cfg.phases.warmup.epochs == base.phases.warmup.epochs and cfg.student.channels == base.student.channels
+    unlimited = make_plan(fingerprint(cohort), "cpu", config=base, cores=2)
+    if unlimited.embedding_seconds > 60 * DEMO_EMBEDDING_MINUTES:  # coarser than the data set's own grid, and it says so
+        assert plan.given_up and plan.target_spacing[2] > unlimited.target_spacing[2]
+    else:
+        assert plan.target_spacing == unlimited.target_spacing and not plan.given_up

@@ -17,11 +17,14 @@ from SemiSAMSegmentLib import mrml  # noqa: E402  (slicer_app puts the module fo
 from SemiSAMSegmentLib.logic import SegmentResult, SemiSAMSegmentLogic  # noqa: E402
 
 
+STUDENT_GRID = dict(target_shape=(4, 64, 64), target_spacing=(1.5, 1.5, 3.0))
+
+
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """An untrained two-structure student on the real LiteMedSAM encoder (plumbing, not quality)."""
     path = tmp_path_factory.mktemp("student") / "student.pt"
-    config = PreprocessConfig(target_shape=(4, 64, 64), target_spacing=(1.5, 1.5, 3.0))
+    config = PreprocessConfig(**STUDENT_GRID)
     model = SlicingSAM3D(StudentConfig(channels=(8, 4), block_depth=4, num_labels=2))
     model.save(path, extra={"preprocess": config.to_dict(), "labels": {"0": "background", "1": "kidney", "2": "cyst"}})
     return path
@@ -38,7 +41,15 @@ def test_one_click_writes_named_segments_and_uncertainty_on_the_volume_grid(slic
     logic = SemiSAMSegmentLogic()
     progress = []
     result = logic.segment_arrays(mrml.volume_from_node(node), student, "cpu", uncertainty=True, progress=lambda d, t: progress.append((d, t)))
-    assert progress and progress[-1][0] == progress[-1][1] == 4  # four training-grid slices embedded
+    from semisam.inference import whole_fov
+    from semisam.preprocess import preprocess
+    from semisam.tiling import tiles
+
+    pre = whole_fov(PreprocessConfig(**STUDENT_GRID))
+    grid, _ = preprocess(mrml.volume_from_node(node), pre)  # the whole field of view at the student's spacing
+    n_tiles = grid.shape[0] * len(tiles(grid.shape[1:], pre.target_shape[1:], pre.tile_overlap))
+    assert grid.shape[0] > pre.target_shape[0]  # more than the training grid's 4 slices: nothing is cropped
+    assert progress and progress[-1][0] == progress[-1][1] == n_tiles  # every slice-tile of the field of view embedded
     assert result.label.shape == case.image.shape and result.uncertainty.shape == case.image.shape
     assert result.names == {1: "kidney", 2: "cyst"}
     # the real labels through the same apply(): exact on the grid, named, coloured

@@ -158,13 +158,15 @@ def test_training_on_whole_fields_of_view_cuts_tiles_and_oversamples_foreground(
     lattice = it.tile_list()
     fg_tiles = {t for t, tile in enumerate(lattice) if (it.label[(slice(None), *tile.window)] > 0).any()}
     assert 0 < len(fg_tiles) < len(lattice)  # some tiles hold no target: the rule is visible
-    hits = 0
-    for _ in range(300):
+    hits, draws = 0, 3000
+    for _ in range(draws):
         view, targets = trainer._tile(it, rng)
         t = next(i for i, e in enumerate(it.embs) if e is view.emb)
         window = (slice(None), *lattice[t].window)
         assert np.array_equal(view.image, it.image[window]) and np.array_equal(targets["label"].numpy(), it.label[window])
         hits += t in fg_tiles
-    expected = 1 / 3 + 2 / 3 * len(fg_tiles) / len(lattice)  # a third among foreground tiles, the rest uniform
-    assert expected - len(fg_tiles) / len(lattice) > 0.1  # uniform draws would be told apart
-    assert abs(hits / 300 - expected) < 0.08, (hits, expected, len(fg_tiles), len(lattice))
+    uniform = len(fg_tiles) / len(lattice)
+    expected = 1 / 3 + 2 / 3 * uniform  # a third among foreground tiles, the rest uniform
+    sd = (expected * (1 - expected) / draws) ** 0.5
+    assert expected - uniform > 8 * sd  # uniform draws would be told apart
+    assert abs(hits / draws - expected) < 4 * sd, (hits, expected, len(fg_tiles), len(lattice))

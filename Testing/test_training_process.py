@@ -38,7 +38,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 N_CASES, N_LABELED, N_VALIDATION = 5, 3, 1  # 3 labeled + 2 unlabeled, + 1 validation case
-GRID = [8, 32, 32]  # training grid (z, y, x): 8 slices per volume to embed
+GRID = [8, 32, 32]  # training grid (z, y, x): 8 slices per training volume to embed (crop fov)
+SPACING = [1.5, 1.5, 4.0]
 TINY_PHASES = (2, 3, 1)  # warmup, semi, finetune epochs
 LONG_PHASES = (3, 6, 2)  # the kill/resume runs: 11 epochs
 KILL_AFTER = 4  # kill during the epoch after the first finished epoch >= this one
@@ -96,7 +97,7 @@ def write_train_config(folder: Path, cohort: Path, cache: Path, phases: Sequence
     cfg: Dict[str, Any] = {
         "dataset": str(cohort),
         "output": output,
-        "preprocess": {"target_spacing": [1.5, 1.5, 4.0], "target_shape": GRID},
+        "preprocess": {"target_spacing": SPACING, "target_shape": GRID, "crop": "fov"},
         "student": {"channels": [16, 8], "block_depth": 4},
         "data": {"cache_dir": str(cache)},
         "pseudo": {"refresh_every": 2},
@@ -280,7 +281,19 @@ class Tiny:
 
     @property
     def n_slices(self) -> int:
-        return GRID[0] * (len(self.labeled) + len(self.unlabeled) + len(self.validation))
+        """Slices the training embeds: the training grid's of each labeled and unlabeled case, and
+        every slice-tile of each validation case's whole field of view (validation segments it whole)."""
+        from semisam.data import load_dataset
+        from semisam.preprocess import PreprocessConfig, preprocess
+        from semisam.tiling import tiles
+        from semisam.volume import read_volume
+
+        pre = PreprocessConfig(target_spacing=tuple(SPACING), target_shape=tuple(GRID), crop="whole")
+        whole = 0
+        for case in load_dataset(self.cohort).validation:
+            image, _ = preprocess(read_volume(case.image), pre)
+            whole += image.shape[0] * len(tiles(image.shape[1:], GRID[1:], pre.tile_overlap))
+        return GRID[0] * (len(self.labeled) + len(self.unlabeled)) + whole
 
 
 @pytest.fixture(scope="session")
