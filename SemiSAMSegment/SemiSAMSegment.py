@@ -365,6 +365,8 @@ class SemiSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seg.CreateClosedSurfaceRepresentation()
         voxels = int((result.label > 0).sum())
         self.ui.statusLabel.text = f"Done in {result.seconds:.1f} s: {len(result.names)} structure(s), {voxels} voxels in '{seg.GetName()}'."
+        if result.refined:
+            logging.info(f"SemiSAM Segment: {result.refined}")
 
     # -------------------------------------------------------------- export / refine
 

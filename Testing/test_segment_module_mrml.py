@@ -52,6 +52,7 @@ def test_one_click_writes_named_segments_and_uncertainty_on_the_volume_grid(slic
     assert progress and progress[-1][0] == progress[-1][1] == n_tiles  # every slice-tile of the field of view embedded
     assert result.label.shape == case.image.shape and result.uncertainty.shape == case.image.shape
     assert result.names == {1: "kidney", 2: "cyst"}
+    assert result.refined == ""  # this student records no refinement by the teachers
     # the real labels through the same apply(): exact on the grid, named, coloured
     seg, unc = logic.apply(SegmentResult(case.label.array, result.uncertainty, result.names, 0.0), node)
     s = seg.GetSegmentation()

@@ -369,3 +369,41 @@ def test_a_fixed_prompt_growth_is_used_as_it_is(cohort, monkeypatch):
     assert refreshes and all(r["prompt_growth_mm"] == 0.0 and "val_pseudo_dice" not in r for r in refreshes)
     assert prompts and not any(k.startswith("validation:") for k, _ in prompts)  # no calibration ran
     assert all(r["dice_vs_reference"] == pytest.approx(1.0) for r in refreshes)  # the prompt was the truth, unchanged
+
+
+def test_refinement_by_the_teachers_is_chosen_on_validation_and_recorded_in_best_pt(semi_run, monkeypatch):
+    """At the end of training, best.pt's own masks of the validation cases, grown by each
+    candidate, prompt the teachers; best.pt records the refinement and whether it beat the student."""
+    from semisam.inference import recorded_refinement
+    from semisam.models.student import load_student
+    from semisam.pseudo_labels import PseudoLabel, grow_mask, growth_candidates
+
+    trainer, _, lines = semi_run
+    best = Path(trainer.out) / "best.pt"
+    rec = load_student(best)[1]["postprocess"]["refine"]  # what the real run (LiteMedSAM teacher) decided
+    assert rec["teacher"] == "litemedsam" and rec["validation_cases"] == len(trainer.validation) == 1
+    assert set(rec["growth_scores"]) == {f"{g:g}" for g in growth_candidates(trainer._spacing_zyx(trainer.validation[0]))}
+    assert rec["use"] == (rec["val_dice_refined"] > rec["val_dice_student"])
+    final = [x for x in lines if x.get("type") == "final"][-1]
+    assert final["refine"]["use"] == rec["use"]
+
+    class Teachers:  # return their prompt, or nothing
+        def __init__(self, answer=True):
+            self.answer = answer
+
+        def __call__(self, image, mask, key, views=None):
+            m = np.asarray(mask, np.float32) * float(self.answer)
+            return PseudoLabel.from_statistics(m, np.zeros_like(m), 0.1, 2, int(np.asarray(mask).sum()))
+
+    def shrunken(model, it):  # a student that stops 3 mm inside the boundary
+        return torch.from_numpy(grow_mask(it.label > 0, -3.0, trainer._spacing_zyx(it)).astype(np.float32))[None]
+
+    monkeypatch.setattr(trainer, "_infer", shrunken)
+    monkeypatch.setattr(trainer, "labeler", Teachers())
+    rec = trainer._calibrate_refinement()
+    assert rec["use"] and rec["growth_mm"] > 0 and rec["val_dice_refined"] > rec["val_dice_student"] + 0.05
+    assert recorded_refinement(load_student(best)[1]) == rec
+    monkeypatch.setattr(trainer, "labeler", Teachers(answer=False))
+    rec = trainer._calibrate_refinement()
+    assert not rec["use"] and rec["val_dice_refined"] == 0.0
+    assert recorded_refinement(load_student(best)[1]) is None and load_student(best)[1]["postprocess"]["refine"] == rec

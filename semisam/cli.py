@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.out), args.labeled, args.unlabeled, args.validation, args.test, args.seed,
-             progress=args.progress, schedule=args.schedule, compile=args.compile)
+             progress=args.progress, schedule=args.schedule, compile=args.compile, plan=args.plan)
     return 0
 
 
@@ -110,7 +110,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     # auto falls back to torch with one warning line if the runtime cannot load (with --compile it is torch);
     # a named runtime is an error
     fallback = (lambda m: print(f"warning: {m}", file=sys.stderr)) if args.backend == "auto" else None
-    segmenter = Segmenter(args.checkpoint, args.device, args.encoder_checkpoint, args.compile, cache, backend=args.backend, fallback=fallback)
+    segmenter = Segmenter(args.checkpoint, args.device, args.encoder_checkpoint, args.compile, cache, backend=args.backend, fallback=fallback,
+                          refine=not args.no_refine)
     volume = read_volume(args.input)
     result = segmenter.segment(volume, uncertainty=bool(args.uncertainty), largest_component=args.largest_component)
     write_volume(result.label, args.output)
@@ -121,6 +122,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     cfg = segmenter.preprocess_config
     print(f"whole field of view: grid {result.grid} (z, y, x) at {cfg.target_spacing} mm (x, y, z), "
           f"{result.tiles} in-plane tile(s) of {tuple(cfg.target_shape[1:])} per slice")
+    if result.refined:
+        print(f"refined: {segmenter.refiner.describe()}, as chosen at training (--no-refine: the student alone)")
     print(f"wrote {args.output}: {voxels} foreground voxels ({ml:.2f} ml) on the input grid {volume.shape}; {time.time() - t0:.1f} s")
     return 0
 
@@ -308,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--largest-component", dest="largest_component", action="store_true", default=None,
                    help="keep each structure's largest connected piece (default: as the student was trained)")
     p.add_argument("--all-components", dest="largest_component", action="store_false", help="keep every piece")
+    p.add_argument("--no-refine", action="store_true",
+                   help="the student's mask alone, even where training recorded that the LiteMedSAM teacher refines it "
+                        "(validation.refine: chosen on the validation cases)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("init-config", help="write a commented training config (YAML) with the defaults",
@@ -365,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=3, help="held-out test phantoms (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", default="demo", choices=("demo", "tiny"), help="tiny: a seconds-long smoke run")
+    p.add_argument("--plan", action="store_true",
+                   help="train on the grid `semisam plan` makes for the cohort (1.5 min of embedding) instead of the demo's fixed "
+                        "central grid (lower held-out Dice on the 64^3 phantoms: BENCHMARKS.md)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="do not torch.compile the encoder (compiling takes ~1 min once per machine, then halves the time per slice)")
     p.add_argument("--progress", default="auto", choices=("auto", "tqdm", "json", "text", "none"))

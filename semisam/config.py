@@ -140,6 +140,7 @@ class ValidationSection:
     hd95: bool = True  # also compute the 95% Hausdorff distance (mm)
     largest_component: bool = False  # score (and later segment) each structure as its largest connected piece; for one-piece organs
     calibrate_threshold: bool = False  # one structure: best.pt records the foreground threshold (0.30..0.60) with the best validation Dice; segment uses it
+    refine: bool = True  # after training: if the teachers, prompted by best.pt's grown masks, beat it on the validation cases, best.pt records that refinement and segment applies it (litemedsam teacher only)
 
 
 @dataclass

@@ -29,6 +29,8 @@ class Segmentation:
     uncertainty: Optional[Volume] = None
     grid: Optional[Tuple[int, int, int]] = None  # the preprocessed grid (z, y, x) the student decoded
     tiles: int = 1  # in-plane tiles per slice of that grid
+    refined: bool = False  # the teachers refined the student's mask (Refiner)
+    student_label: Optional[Volume] = None  # when refined: the student's own label map on the input grid
 
 
 def _foreground(probs: torch.Tensor) -> torch.Tensor:
@@ -105,6 +107,73 @@ def tiled_probabilities(
     return out.reshape(4 if flips else 1, -1, *out.shape[1:])
 
 
+#: Teachers that can refine a student's masks at inference (the shipped LiteMedSAM; others need
+#: user-supplied weights at training and at inference alike, and are not wired here).
+REFINE_TEACHERS = ("litemedsam",)
+
+
+def recorded_refinement(extra: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The refinement a student checkpoint records as chosen (``postprocess.refine`` with
+    ``use: true``), else None."""
+    record = dict(extra.get("postprocess") or {}).get("refine")
+    return dict(record) if isinstance(record, dict) and record.get("use") else None
+
+
+class Refiner:
+    """The teachers refining a student's masks, as training chose on its validation cases
+    (``postprocess.refine`` in ``best.pt``): each structure's mask on the preprocessed grid,
+    grown by ``growth_mm``, prompts the teachers exactly as a coarse mask prompts them for a
+    pseudo-label (Algorithm 2: the same views, prompt sets and seed), and the teachers' mean
+    probability replaces the student's. Structures with an empty mask stay empty."""
+
+    def __init__(self, labeler: Any, growth_mm: float, record: Optional[Dict[str, Any]] = None):
+        self.labeler, self.growth_mm, self.record = labeler, float(growth_mm), dict(record or {})
+
+    @classmethod
+    def from_record(cls, record: Dict[str, Any], encoder: SliceEncoder, cache: EmbeddingCache, device: str = "cpu") -> "Refiner":
+        """The refiner a checkpoint's ``postprocess.refine`` describes. The LiteMedSAM teacher
+        shares ``encoder``'s embeddings when it is LiteMedSAM at the recorded input side."""
+        from .models.encoders import build_litemedsam, check_input_size, litemedsam_encoder
+        from .models.teacher_litemedsam import LiteMedSAMTeacher
+        from .pseudo_labels import PseudoLabeler
+
+        name = record.get("teacher")
+        if name not in REFINE_TEACHERS:
+            raise SemiSAMError(f"the checkpoint asks for refinement by '{name}', which SemiSAM cannot run at inference "
+                               f"(only {', '.join(REFINE_TEACHERS)}); segment with --no-refine")
+        side = check_input_size("litemedsam", int(record.get("input_size") or 0)) or 256
+        net = build_litemedsam(device=device)
+        shared = encoder.name == "litemedsam" and int(encoder.input_size) == side
+        enc = encoder if shared else litemedsam_encoder(net, input_size=side)
+        teacher = LiteMedSAMTeacher(net=net, encoder=enc, cache=cache, device=device)
+        labeler = PseudoLabeler([teacher], n_views=int(record.get("views", 2)), u_th=float(record.get("u_th", 0.1)),
+                                inplane=bool(record.get("inplane_views", False)), seed=int(record.get("seed", 0)))
+        return cls(labeler, float(record.get("growth_mm", 0.0)), record)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, spacing_zyx: Tuple[float, float, float], num_labels: int,
+                 key: str = "segment") -> np.ndarray:
+        """Per-structure teacher probabilities ``(K, D, H, W)`` for the label map ``label`` of
+        the preprocessed ``image`` (both ``(D, H, W)``)."""
+        from .pseudo_labels import grow_mask
+
+        out = np.zeros((num_labels, *image.shape), np.float32)
+        for k in range(1, num_labels + 1):
+            mask = label == k
+            if not mask.any():
+                continue
+            pl = self.labeler(image, grow_mask(mask, self.growth_mm, spacing_zyx), key=f"{key}:{k}")
+            if pl is not None:
+                out[k - 1] = pl.mean
+        return out
+
+    def describe(self) -> str:
+        r = self.record
+        numbers = ""
+        if r.get("val_dice_student") is not None and r.get("val_dice_refined") is not None:
+            numbers = f" (validation Dice {r['val_dice_student']:.3f} -> {r['val_dice_refined']:.3f})"
+        return f"the {r.get('teacher', 'teacher')} teacher refines the student's mask grown by {self.growth_mm:g} mm{numbers}"
+
+
 def segment_volume(
     volume: Volume,
     student: SlicingSAM3D,
@@ -119,6 +188,7 @@ def segment_volume(
     progress: Optional[Callable[[int, int], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
     chunk: int = 8,
+    refiner: Optional[Refiner] = None,
 ) -> Segmentation:
     """One-click segmentation of ``volume`` over its whole field of view.
 
@@ -138,6 +208,10 @@ def segment_volume(
         threshold: foreground probability threshold for one structure (students trained with
             ``validation.calibrate_threshold`` record theirs: :func:`recorded_threshold`).
         progress, cancel, chunk: see :func:`tiled_probabilities`.
+        refiner: the teachers refine the student's mask (:class:`Refiner`; training records
+            whether they do better on its validation cases, :func:`recorded_refinement`). The
+            student's label map on the grid (threshold, largest component) prompts them; their
+            mean probability is then thresholded at 0.5 instead of the student's.
     """
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
@@ -148,9 +222,37 @@ def segment_volume(
     views = tiled_probabilities(pre.array, student, encoder, cache, config.target_shape[1:], config.tile_overlap, device,
                                 flips=tta or uncertainty, progress=progress, cancel=cancel, chunk=chunk)
     probs = views.mean(dim=0) if tta else views[0]
-    # Probabilities go back to the input grid (linear) and are thresholded there: smoother
-    # boundaries than resampling a label map with nearest neighbours (worth +0.005..0.08 Dice
-    # on phantoms whose elevation spacing is finer than the training grid's).
+    student_label = None
+    if refiner is not None:
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+        k = probs.shape[0] if probs.shape[0] == 1 else probs.shape[0] - 1  # structures
+        grid_label = (probs[0] > float(threshold)).numpy().astype(np.uint8) if probs.shape[0] == 1 else probs.argmax(0).numpy().astype(np.uint8)
+        if largest_component:
+            grid_label = keep_largest_component(grid_label)
+        means = torch.from_numpy(refiner(pre.array, grid_label, tuple(float(v) for v in pre.spacing[::-1]), k))
+        student_label = _to_input_grid(record, probs, threshold, largest_component)[0]
+        if probs.shape[0] == 1:
+            probs = means
+        else:  # structure k where its teachers' mean is the largest and > 0.5
+            probs = torch.cat([torch.full_like(means[:1], 0.5), means])
+            probs = probs / probs.sum(0, keepdim=True).clamp_min(1e-6)
+        threshold = 0.5
+    label, fg = _to_input_grid(record, probs, threshold, largest_component)
+    result = Segmentation(label=label, probability=fg, grid=tuple(int(n) for n in pre.shape),
+                          tiles=len(tiles_of(pre.shape, config)), refined=refiner is not None, student_label=student_label)
+    if uncertainty:
+        var = torch.stack([_foreground(v) for v in views]).var(dim=0, unbiased=False)
+        result.uncertainty = invert(record, var.numpy().astype(np.float32), "probability")
+    return result
+
+
+def _to_input_grid(record, probs: torch.Tensor, threshold: float, largest_component: bool) -> Tuple[Volume, Volume]:
+    """(label map, foreground probability) on the input's grid from (K', D, H, W) grid probabilities.
+
+    Probabilities go back to the input grid (linear) and are thresholded there: smoother
+    boundaries than resampling a label map with nearest neighbours (worth +0.005..0.08 Dice on
+    phantoms whose elevation spacing is finer than the training grid's)."""
     fg = invert(record, _foreground(probs).numpy(), "probability")
     if probs.shape[0] == 1:
         label = (fg.array > float(threshold)).astype(np.uint8)
@@ -159,12 +261,7 @@ def segment_volume(
         label = np.stack([c.array for c in channels]).argmax(0).astype(np.uint8)
     if largest_component:
         label = keep_largest_component(label)
-    result = Segmentation(label=fg.with_array(label), probability=fg, grid=tuple(int(n) for n in pre.shape),
-                          tiles=len(tiles_of(pre.shape, config)))
-    if uncertainty:
-        var = torch.stack([_foreground(v) for v in views]).var(dim=0, unbiased=False)
-        result.uncertainty = invert(record, var.numpy().astype(np.float32), "probability")
-    return result
+    return fg.with_array(label), fg
 
 
 def available_memory() -> Optional[int]:
@@ -257,7 +354,7 @@ class Segmenter:
 
     def __init__(self, checkpoint, device: str = "cpu", encoder_checkpoint: Optional[str] = None, compile: bool = False,
                  cache: Optional[EmbeddingCache] = None, warn: Callable[[str], None] = lambda m: print(f"warning: {m}", file=sys.stderr),
-                 backend: str = "auto", fallback: Optional[Callable[[str], None]] = None):
+                 backend: str = "auto", fallback: Optional[Callable[[str], None]] = None, refine: bool = True):
         from .models.backends import model_cache_dir
         from .models.student import load_student
 
@@ -276,6 +373,16 @@ class Segmenter:
         self.threshold = recorded_threshold(self.extra)
         self.cache = cache
         self.warn = warn
+        # the teachers' refinement training chose on its validation cases (``refine=False``: the student alone)
+        self.refinement = recorded_refinement(self.extra) if refine else None
+        self._refiner: Optional[Refiner] = None
+
+    @property
+    def refiner(self) -> Optional[Refiner]:
+        """The recorded refinement, built on first use (None when not recorded or turned off)."""
+        if self.refinement is not None and self._refiner is None:
+            self._refiner = Refiner.from_record(self.refinement, self.encoder, self.cache, self.device)
+        return self._refiner
 
     @property
     def labels(self) -> Dict[int, str]:
@@ -344,4 +451,4 @@ class Segmenter:
         largest = self.largest_component if largest_component is None else largest_component
         return segment_volume(volume, self.student, self.encoder, self.preprocess_config, self.cache, uncertainty=uncertainty,
                               device=self.device, largest_component=largest, tta=tta, threshold=self.threshold,
-                              progress=progress, cancel=cancel, chunk=chunk)
+                              progress=progress, cancel=cancel, chunk=chunk, refiner=self.refiner)

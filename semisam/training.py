@@ -623,7 +623,6 @@ class Trainer:
 
     def _refresh_pseudo(self, t_epoch: int, force: bool) -> Optional[Dict[str, Any]]:
         """Recompute due pseudo-labels (each rank a share, results gathered by everyone)."""
-        from .pseudo_labels import PseudoLabeler
 
         if not self.unlabeled:
             return None
@@ -633,12 +632,7 @@ class Trainer:
             due = self.dist.gather(due)[0]
         if not due:
             return None
-        if self.teachers is None:
-            self.teachers = build_teachers(self.cfg, self.encoder, self.litemedsam_net, self.cache, self.device)
-            self.labeler = PseudoLabeler(
-                self.teachers, n_views=self.cfg.pseudo.views, u_th=self.cfg.pseudo.u_th, points=self.cfg.pseudo.points,
-                inplane=self.cfg.pseudo.inplane_views, seed=self.cfg.seed,
-            )
+        self._ensure_labeler()
         t0 = time.time()
         growth, calibration = self._prompt_growth()
         mine = {}
@@ -673,6 +667,80 @@ class Trainer:
             "dice_vs_reference": _mean([s["dice"] for s in stats if s["dice"] is not None]),
             "coarse_dice_vs_reference": _mean([s["coarse_dice"] for s in stats if s["coarse_dice"] is not None]),
         }
+
+    def _ensure_labeler(self) -> None:
+        from .pseudo_labels import PseudoLabeler
+
+        if self.teachers is None:
+            self.teachers = build_teachers(self.cfg, self.encoder, self.litemedsam_net, self.cache, self.device)
+            self.labeler = PseudoLabeler(
+                self.teachers, n_views=self.cfg.pseudo.views, u_th=self.cfg.pseudo.u_th, points=self.cfg.pseudo.points,
+                inplane=self.cfg.pseudo.inplane_views, seed=self.cfg.seed,
+            )
+
+    def _calibrate_refinement(self) -> Optional[Dict[str, Any]]:
+        """Whether the teachers should refine ``best.pt``'s masks at inference, decided on the
+        validation cases and recorded in ``best.pt`` (``postprocess.refine``).
+
+        ``best.pt``'s own label map of each validation case (its threshold and largest component,
+        as ``segment`` makes it), grown by each of the prompt-growth candidates, prompts the
+        teachers as a coarse mask does for a pseudo-label; the growth with the best mean Dice
+        wins (ties: the smallest change), and the refinement is used when that Dice is above
+        the student's own. A student trained on few labels tends to stop inside the boundary
+        where a SAM-family teacher, given a box and the mask, finds it; on a data set where it
+        does not, the student's mask is kept. Nothing is recorded without validation cases or
+        teachers (the supervised-only variant)."""
+        from .inference import REFINE_TEACHERS, recorded_threshold
+        from .models.student import load_student
+
+        v = self.cfg.validation
+        names = [t.name for t in self.cfg.pseudo.teachers]
+        path = self.out / "best.pt"
+        if not v.refine or not self.validation or not names or not path.exists():
+            return None
+        if any(n not in REFINE_TEACHERS for n in names) or len(names) != 1:
+            self._log(f"validation.refine: only the {'/'.join(REFINE_TEACHERS)} teacher alone can refine masks at inference; "
+                      f"this run's teachers are {names}: best.pt segments with the student alone")
+            return None
+        t0 = time.time()
+        self._ensure_labeler()
+        student, extra = load_student(path, str(self.device))
+        threshold = recorded_threshold(extra)
+        candidates = growth_candidates(self._spacing_zyx(self.validation[0]))
+        own: List[float] = []
+        refined: Dict[float, List[float]] = {g: [] for g in candidates}
+        for it in self.validation:
+            probs = self._infer(student, it)
+            label = (probs[0] > threshold).numpy().astype(np.uint8) if probs.shape[0] == 1 else probs.argmax(0).numpy().astype(np.uint8)
+            if v.largest_component:
+                label = keep_largest_component(label)
+            spacing = self._spacing_zyx(it)
+            own.append(dice_hd95(label, it.label, spacing, self.num_labels, hd95=False)[0])
+            for g in candidates:
+                per_label = [self.labeler(it.image, grow_mask(label == k, g, spacing), key=f"refine:{it.id}:{k}") if (label == k).any() else None
+                             for k in range(1, self.num_labels + 1)]
+                pred = self._pseudo_label_map(per_label, it.image.shape)
+                if v.largest_component:
+                    pred = keep_largest_component(pred)
+                refined[g].append(dice_hd95(pred, it.label, spacing, self.num_labels, hd95=False)[0])
+        scores = {g: float(np.mean(d)) for g, d in refined.items()}
+        best = max(scores, key=lambda g: (scores[g], -abs(g)))
+        student_dice = float(np.mean(own))
+        teacher = self.teachers[0]
+        record = {
+            "use": bool(scores[best] > student_dice), "teacher": names[0], "growth_mm": best,
+            "input_size": int(getattr(getattr(teacher, "encoder", None), "input_size", 0) or 0),
+            "views": int(self.cfg.pseudo.views), "u_th": float(self.cfg.pseudo.u_th), "inplane_views": bool(self.cfg.pseudo.inplane_views),
+            "seed": int(self.cfg.seed), "val_dice_student": round(student_dice, 4), "val_dice_refined": round(scores[best], 4),
+            "growth_scores": {f"{g:g}": round(d, 4) for g, d in scores.items()}, "validation_cases": len(self.validation),
+            "seconds": round(time.time() - t0, 1),
+        }
+        extra.setdefault("postprocess", {})["refine"] = record
+        student.save(path, extra=extra)
+        verdict = ("segment applies it" if record["use"] else "not better: segment uses the student alone")
+        self._log(f"refinement by the {names[0]} teacher on {len(self.validation)} validation case(s): student {student_dice:.3f}, "
+                  f"refined (mask grown {best:g} mm) {scores[best]:.3f}: {verdict} ({record['seconds']:.0f} s)")
+        return record
 
     @staticmethod
     def _pseudo_label_map(per_label: list, shape: Tuple[int, ...]) -> np.ndarray:
@@ -1070,6 +1138,9 @@ class Trainer:
         if self.dist.main:
             if not (self.out / "best.pt").exists():
                 self._save_best(None, start_phase, global_epoch)
+            refine = self._calibrate_refinement()
+            if refine is not None:
+                summary["refine"] = {k: refine[k] for k in ("use", "growth_mm", "val_dice_student", "val_dice_refined")}
             if self.best.get("phase") == 0 and self._best_later is not None and self.best.get("dice") is not None:
                 self._log(f"best.pt is the warm-up checkpoint (epoch {self.best['global_epoch']}, validation Dice {self.best['dice']:.3f}): "
                           f"no later epoch beat it on validation (best later {self._best_later:.3f}); the unlabeled data did not help this run", "warning")

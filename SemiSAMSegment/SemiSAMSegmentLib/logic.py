@@ -63,6 +63,7 @@ class SegmentResult:
     uncertainty: Optional[np.ndarray]  # (z, y, x) float32 or None
     names: Dict[int, str]
     seconds: float
+    refined: str = ""  # how the teachers refined the student's mask (as training chose on validation), "" when they did not
 
 
 @dataclass
@@ -142,7 +143,8 @@ class SemiSAMSegmentLogic:
         seg = self.segmenter(checkpoint, device, backend=backend)
         result = seg.segment(volume, uncertainty=uncertainty, progress=progress, cancel=cancel)
         unc = result.uncertainty.array.astype(np.float32) if result.uncertainty is not None else None
-        return SegmentResult(result.label.array.astype(np.uint8), unc, seg.labels, time.time() - t0)
+        refined = seg.refiner.describe() if result.refined else ""
+        return SegmentResult(result.label.array.astype(np.uint8), unc, seg.labels, time.time() - t0, refined)
 
     def apply(self, result: SegmentResult, volume_node, segmentation_node=None, uncertainty_node=None):
         """Write a result into the scene: a segmentation node (one segment per structure, named and
